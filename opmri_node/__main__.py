@@ -1,0 +1,4 @@
+from opmri_node.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model building: synthetic lumbar MRI cohort, datasets, training loops, evaluation reports."""
