@@ -1,0 +1,569 @@
+"""pynetdicom's association server, hardened and made event-driven for the node's listener.
+
+pynetdicom 3.0 is used as is for negotiation, the state machine, DIMSE and the service
+classes. The classes here change what happens around them:
+
+* :class:`BoundedSocket` refuses a PDU whose header claims more than the node's limit before
+  reading its body (pynetdicom itself would keep reading whatever length a header claims),
+  gives every PDU a deadline (a client trickling bytes cannot hold a thread forever) and reads
+  into one preallocated buffer instead of 4 KiB pieces.
+* :class:`NodeDUL` and :class:`NodeAssociation` wait for the socket or a queue instead of
+  polling with 1 ms sleeps (a C-STORE round trip no longer pays several milliseconds of
+  sleeps), and an acceptor whose connection failed before association stops waiting at once.
+* A C-STORE request is served in the DUL thread as soon as its last fragment has arrived
+  (:class:`_InlineStoreQueue`), when nothing else is queued or being served: reading the
+  request, storing the instance and sending the response then need no hand-off between
+  threads, each of which costs a scheduler wake-up (several milliseconds on a busy machine).
+* :attr:`NodeAssociation.on_pdata` lets the listener take each P-DATA's share of a data set
+  out of memory while the message is still arriving.
+* C-STORE responses are encoded directly (:func:`encode_c_store_rsp`), a fixed group of
+  seven elements, instead of through a pydicom Dataset.
+* :class:`NodeAssociationServer` sets ``TCP_NODELAY`` on every accepted connection, closes
+  connections beyond a hard cap at once, and skips pynetdicom's per-message logging handlers
+  (which are slow and write identifiers into the log).
+
+The overridden loops mirror pynetdicom 3.0.4's own (``DULServiceProvider.run_reactor``,
+``Association.run_reactor`` and ``Association._run_reactor``); ``pyproject.toml`` pins
+pynetdicom below 3.1 accordingly and the test suite exercises them through real associations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final, cast
+
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+ASSOCIATE_PDU_LIMIT: Final[int] = 1024 * 1024
+"""Largest non-P-DATA PDU accepted (an A-ASSOCIATE-RQ with every context is ~100 KiB)."""
+
+_WAIT_S: Final[float] = 0.05
+"""Longest a reactor sleeps without news (bounds timer checks and shutdown latency)."""
+
+
+class PDUTooLongError(OSError):
+    """A PDU header claimed more bytes than the node accepts."""
+
+
+def enable_nodelay(sock: socket.socket) -> None:
+    """Turn off Nagle's algorithm: each DIMSE message goes out without a 40 ms delay."""
+    with contextlib.suppress(OSError):  # not a TCP socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class BoundedSocket(AssociationSocket):
+    """An :class:`AssociationSocket` with a bound on PDU length and a deadline per read."""
+
+    def __init__(
+        self,
+        assoc: Association,
+        client_socket: socket.socket,
+        *,
+        max_pdu_length: int,
+        read_timeout: float | None,
+    ) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        # pynetdicom asks for 6 header bytes, then for the body length the header claims.
+        self.max_read = max(max_pdu_length, ASSOCIATE_PDU_LIMIT) + 6
+        self.read_timeout = read_timeout
+        self.failed = False
+        """Set once a read failed: the connection is unusable."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read exactly ``nr_bytes`` (fewer only if the peer closed the connection).
+
+        Raises:
+            PDUTooLongError: ``nr_bytes`` exceeds the limit; nothing is read.
+            TimeoutError: the bytes did not arrive within the read timeout.
+        """
+        if nr_bytes > self.max_read:
+            self.failed = True
+            LOGGER.warning(
+                "aborting association: a PDU header claims %d bytes, more than the %d accepted",
+                nr_bytes,
+                self.max_read,
+            )
+            raise PDUTooLongError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.max_read}")
+        sock = cast(socket.socket, self.socket)
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        deadline = None if self.read_timeout is None else time.monotonic() + self.read_timeout
+        while received < nr_bytes:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.failed = True
+                    raise TimeoutError("the peer did not send a complete PDU in time")
+                sock.settimeout(remaining)
+            try:
+                count = sock.recv_into(view[received:], nr_bytes - received)
+            except OSError:
+                self.failed = True
+                raise
+            if count == 0:
+                self.failed = True
+                del view
+                return buffer[:received]
+            received += count
+        del view
+        return buffer
+
+
+class NodeDUL(DULServiceProvider):
+    """The DUL reactor of pynetdicom, woken by socket data or queued primitives, not a timer."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # buffer full (already awake) or reactor done
+            self._wake_w.send(b"\0")
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        if threading.current_thread() is not self:  # the reactor itself sees the queue
+            self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        stopped = super().stop_dul()
+        if stopped:
+            self._wake()
+        return stopped
+
+    def _wait_for_work(self) -> None:
+        if not self.to_provider_queue.empty():
+            return
+        readers: list[Any] = [self._wake_r]
+        assoc_sock = self.socket
+        raw = assoc_sock.socket if assoc_sock is not None else None
+        if raw is not None and getattr(assoc_sock, "_is_connected", False):
+            if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                return
+            readers.append(raw)
+        try:
+            select.select(readers, [], [], _WAIT_S)
+        except (OSError, ValueError):  # the socket was closed under us
+            time.sleep(0.001)
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def run_reactor(self) -> None:
+        """pynetdicom's DUL loop with :meth:`_wait_for_work` in place of ``time.sleep``."""
+        self._idle_timer.start()
+        try:
+            while True:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                if self._kill_thread:
+                    break
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                try:
+                    if self._process_recv_primitive():
+                        pass
+                    elif self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception as exc:
+                    self._abort_on_error(exc)
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    self._wait_for_work()
+                    continue
+                self.state_machine.do_action(event)
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _abort_on_error(self, exc: Exception) -> None:
+        if isinstance(exc, PDUTooLongError):
+            LOGGER.warning("association aborted: %s", exc)
+        else:
+            LOGGER.error("association aborted after an error in the upper layer: %s", exc)
+            LOGGER.debug("upper layer error", exc_info=exc)
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        sock = self.socket
+        try:
+            if sock is not None:
+                sock.send(abort_pdu.encode())
+        except OSError:
+            pass
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+
+class _InlineStoreQueue(queue.Queue[Any]):
+    """pynetdicom's queue of received DIMSE requests, serving C-STORE requests at once.
+
+    pynetdicom puts each complete request here from the DUL thread, for the association's
+    thread to serve. A C-STORE request that finds the queue empty and nothing being served
+    (``unfinished_tasks`` is 0: the association's reactor calls ``task_done`` only after
+    serving) is served right away in the DUL thread instead; the C-STORE service waits on
+    nothing the DUL thread would have to deliver, so this cannot deadlock, and requests are
+    still served in the order they arrived.
+    """
+
+    def __init__(self, assoc: NodeAssociation) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        context_id, primitive = item
+        if (
+            isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is None
+            and self._assoc.is_established
+        ):
+            with self.mutex:
+                idle = self.unfinished_tasks == 0
+            if idle:
+                self._assoc._serve_request(primitive, context_id)
+                return
+        super().put(item, block, timeout)
+
+
+class NodeAssociation(Association):
+    """An acceptor association with an event-driven reactor and an end-of-life callback."""
+
+    on_end: Callable[[Association], None] | None = None
+    """Called once when the association's thread ends, whatever the outcome."""
+    on_pdata: Callable[[Association], None] | None = None
+    """Called after each P-DATA primitive has been added to the DIMSE message in progress
+    (in the upper layer's thread), e.g. to write a C-STORE data set while it arrives."""
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        self.dul = NodeDUL(self)
+        self.dul.artim_timer.timeout = self.acse_timeout
+        self.dul._idle_timer.timeout = self.network_timeout
+        receive = self.dimse.receive_primitive
+
+        def receive_primitive(primitive: Any) -> None:
+            receive(primitive)
+            hook = self.on_pdata
+            if hook is not None:
+                try:
+                    hook(self)
+                except Exception:
+                    LOGGER.exception("P-DATA callback failed")
+
+        self.dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
+        self.dimse.msg_queue = _InlineStoreQueue(self)
+        send_msg = self.dimse.send_msg
+
+        def send_message(primitive: Any, context_id: int) -> None:
+            encoded = encode_c_store_rsp(primitive)
+            peer_max = self.dimse.maximum_pdu_size
+            if (
+                encoded is None
+                or (peer_max and len(encoded) + 7 > peer_max)
+                or self._handlers.get(evt.EVT_DIMSE_SENT)
+            ):
+                send_msg(primitive, context_id)
+                return
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+            self.dul.send_pdu(pdata)
+
+        self.dimse.send_msg = send_message  # type: ignore[method-assign]
+
+    def _bind_defaults(self) -> None:
+        for event in evt._INTERVENTION_EVENTS:
+            self.bind(event, evt.get_default_handler(event))
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            server = self._server
+            if isinstance(server, NodeAssociationServer):
+                server.connection_ended()
+            callback = self.on_end
+            if callback is not None:
+                try:
+                    callback(self)
+                except Exception:
+                    LOGGER.exception("association end callback failed")
+
+    def run_reactor(self) -> None:
+        """pynetdicom's acceptor start-up, but giving up as soon as the connection fails.
+
+        pynetdicom waits the whole ACSE timeout for an A-ASSOCIATE-RQ even when the peer has
+        already gone or was cut off (a PDU over the limit, a stalled read); meanwhile the
+        connection counts against the association limit.
+        """
+        if not self.is_acceptor:
+            super().run_reactor()
+            return
+        if not self._started_dul:
+            self.dul.start()
+            self._started_dul = True
+            self._dul_ready.wait()
+        primitive = self._wait_for_request()
+        sock = cast(AssociationSocket, self.dul.socket)
+        if primitive is None:
+            self.kill()
+            if self._server and sock.socket:
+                self._server.shutdown_request(sock.socket)
+            return
+        self.requestor.primitive = primitive
+        evt.trigger(self, evt.EVT_REQUESTED, {})
+        if not self.is_aborted and not self.is_rejected:
+            self.acse.negotiate_association()
+        if self.is_established:
+            self._run_reactor()
+        if self._server and sock.socket:
+            self._server.shutdown_request(sock.socket)
+
+    def _wait_for_request(self) -> Any:
+        deadline = None if self.acse_timeout is None else time.monotonic() + self.acse_timeout
+        sock = self.dul.socket
+        while True:
+            primitive = self.dul.receive_pdu(wait=True, timeout=0.1)
+            if primitive is not None:
+                return primitive
+            if isinstance(sock, BoundedSocket) and sock.failed:
+                return None
+            if not self.dul.is_alive() or (deadline is not None and time.monotonic() > deadline):
+                return None
+
+    def _run_reactor(self) -> None:
+        """pynetdicom's acceptor loop, waiting on the message queue instead of sleeping."""
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            requests = self.dimse.msg_queue
+            try:
+                context_id, msg = requests.get(timeout=0.005)
+            except queue.Empty:
+                msg = None
+            else:
+                try:
+                    if msg:
+                        self._serve_request(msg, cast(int, context_id))
+                finally:
+                    requests.task_done()
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                LOGGER.warning("association aborted: network timeout (no traffic)")
+                self.abort()
+                self.kill()
+                return
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def encode_c_store_rsp(primitive: Any) -> bytes | None:
+    """The command set of a C-STORE-RSP, Implicit VR Little Endian (PS3.7 9.3.1.2).
+
+    The response is sent once per stored instance, so it is encoded directly instead of via
+    a pydicom Dataset; the test suite checks the bytes against pynetdicom's own encoding.
+    Returns ``None`` for anything but a plain C-STORE response (with at most an Error
+    Comment), which then takes pynetdicom's general path.
+    """
+    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
+        return None
+    if primitive.OffendingElement is not None or primitive.Status is None:
+        return None
+    sop_class = primitive.AffectedSOPClassUID
+    sop_instance = primitive.AffectedSOPInstanceUID
+    if not sop_class or not sop_instance:
+        return None
+    try:
+        parts = [
+            _implicit(0x0002, _even(str(sop_class), b"\x00")),
+            _implicit(0x0100, struct.pack("<H", 0x8001)),
+            _implicit(0x0120, struct.pack("<H", int(primitive.MessageIDBeingRespondedTo))),
+            _implicit(0x0800, struct.pack("<H", 0x0101)),
+            _implicit(0x0900, struct.pack("<H", int(primitive.Status))),
+        ]
+        if primitive.ErrorComment:
+            parts.append(_implicit(0x0902, _even(str(primitive.ErrorComment), b" ")))
+        parts.append(_implicit(0x1000, _even(str(sop_instance), b"\x00")))
+    except (UnicodeEncodeError, struct.error):
+        return None
+    body = b"".join(parts)
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+class NodeRequestHandler(RequestHandler):
+    """Creates :class:`NodeAssociation` instances with a :class:`BoundedSocket`."""
+
+    server: NodeAssociationServer
+
+    def _create_association(self) -> Association:
+        server = self.server
+        request = cast(socket.socket, self.request)
+        enable_nodelay(request)
+        assoc = NodeAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = server
+        assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
+        assoc.daemon = True
+        assoc.on_end = server.on_association_end
+        assoc.on_pdata = server.on_pdata
+        sock = BoundedSocket(
+            assoc,
+            request,
+            max_pdu_length=server.max_pdu_length,
+            read_timeout=self.ae.network_timeout,
+        )
+        assoc.set_socket(sock)
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = server.copy_contexts()
+        assoc.requestor.address_info = self.remote
+        for event, handlers in server._handlers.items():
+            if event.is_intervention and handlers:
+                handler, args = cast(tuple[Callable[..., Any], Any], handlers)
+                assoc.bind(event, handler, args)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in cast(list[tuple[Callable[..., Any], Any]], handlers):
+                    assoc.bind(event, handler, args)
+        return assoc
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """A threaded association server with a connection cap and no per-message log handlers."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        *args: Any,
+        max_pdu_length: int,
+        max_connections: int,
+        on_association_end: Callable[[Association], None] | None = None,
+        on_pdata: Callable[[Association], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.max_pdu_length = max_pdu_length
+        self.max_connections = max_connections
+        self.on_association_end = on_association_end
+        self.on_pdata = on_pdata
+        self._connections = 0
+        self._connections_lock = threading.Lock()
+        kwargs.setdefault("request_handler", NodeRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    def _bind_defaults(self) -> None:
+        for event in evt._INTERVENTION_EVENTS:
+            self.bind(event, evt.get_default_handler(event))
+
+    def copy_contexts(self) -> list[Any]:
+        """The supported presentation contexts for one association.
+
+        Negotiation only reads them (pynetdicom builds new contexts for its answer), so the
+        list is copied but the contexts are shared; pynetdicom's own deep copy of ~170
+        contexts with 18 transfer syntaxes each would cost ~0.1 s per association.
+        """
+        return list(self.contexts)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            over = self._connections >= self.max_connections
+            if not over:
+                self._connections += 1
+        if over:
+            LOGGER.warning(
+                "connection from %s closed: %d connections open (the limit)",
+                client_address[0],
+                self.max_connections,
+            )
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        LOGGER.exception("setting up the connection from %s failed", client_address[0])
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        started = False
+        try:
+            self.finish_request(request, client_address)
+            started = True
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        finally:
+            if not started:
+                self.connection_ended()
+
+    def connection_ended(self) -> None:
+        with self._connections_lock:
+            self._connections = max(0, self._connections - 1)
+
+    @property
+    def open_connections(self) -> int:
+        with self._connections_lock:
+            return self._connections

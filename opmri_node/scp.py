@@ -1,0 +1,795 @@
+"""The DICOM listener: Verification and Storage SCP with the node's association policy.
+
+Association policy (checked when the A-ASSOCIATE-RQ arrives, before anything is stored):
+
+* the called AE title must be the node's, else A-ASSOCIATE-RJ *rejected-permanent, service
+  user, called-AE-title-not-recognized*;
+* the calling AE title must belong to a configured peer (and, for peers with ``check_host``,
+  come from that peer's host), else *rejected-permanent, service user,
+  calling-AE-title-not-recognized*;
+* more than ``max_associations`` at once: *rejected-transient, service provider
+  (presentation), local-limit-exceeded*;
+* a configured peer without ``may_send`` gets Verification only: its storage presentation
+  contexts are rejected (abstract syntax not supported).
+
+C-STORE writes the received data set byte for byte (see :mod:`opmri_node.spool`), makes it
+durable with one flush of the receive journal (:mod:`opmri_node.journal`), records it in the state
+database and only then answers 0x0000. Every association leaves one audit line
+(logger ``opmri_node.audit``) with the peer, AE titles, counts, duration and outcome, and no
+patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEG2000MC,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import PresentationContext, build_context
+
+from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from opmri_node.config import NodeConfig, PeerConfig
+from opmri_node.dicomnet import NodeAssociationServer
+from opmri_node.journal import Journal, JournalRecord, Segment
+from opmri_node.spool import (
+    HEADER_INFLATE_LIMIT,
+    HeaderError,
+    IncomingFile,
+    Spool,
+    SpoolFullError,
+    encode_file_meta,
+    is_valid_uid,
+    read_header,
+)
+from opmri_node.state import InstanceRecord, NewInstance, StateDB
+from pipeline.privacy import uid_tag
+
+LOGGER = logging.getLogger(__name__)
+AUDIT = logging.getLogger("opmri_node.audit")
+
+STORAGE_TRANSFER_SYNTAXES: Final[tuple[str, ...]] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEG2000MCLossless,
+    JPEG2000MC,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+)
+"""Transfer syntaxes accepted for every storage SOP class; data are stored as received."""
+
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
+SUCCESS: Final[int] = 0x0000
+OUT_OF_RESOURCES: Final[int] = 0xA700
+DATASET_MISMATCH: Final[int] = 0xA900
+CANNOT_UNDERSTAND: Final[int] = 0xC000
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE: Final[tuple[int, int, int]] = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE: Final[tuple[int, int, int]] = (0x01, 0x01, 0x07)
+
+_LOCK_STRIPES: Final[int] = 64
+_HEAD_KEEP: Final[int] = 64 * 1024
+"""The first bytes of a streamed data set kept in memory, to read its header from."""
+
+VERIFICATION: Final[str] = "1.2.840.10008.1.1"
+"""Verification SOP Class UID."""
+
+
+def storage_contexts() -> list[PresentationContext]:
+    """Presentation contexts the listener accepts: every storage SOP class, and Verification."""
+    contexts = [
+        build_context(str(cx.abstract_syntax), list(STORAGE_TRANSFER_SYNTAXES))
+        for cx in AllStoragePresentationContexts
+    ]
+    contexts.append(build_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    return contexts
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+@dataclass
+class AssociationAudit:
+    """What one association did, for its audit line."""
+
+    address: str
+    port: int
+    started: float = field(default_factory=time.monotonic)
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer: str = ""
+    reason: str = ""
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    echoes: int = 0
+    bytes: int = 0
+    studies: set[str] = field(default_factory=set)
+
+    def line(self, outcome: str) -> str:
+        duration = time.monotonic() - self.started
+        parts = [
+            f"association from={self.address}:{self.port}",
+            f"calling_ae={self.calling_ae or '-'!r}",
+            f"called_ae={self.called_ae or '-'!r}",
+            f"peer={self.peer or '-'}",
+            f"outcome={outcome}",
+        ]
+        if self.reason:
+            parts.append(f"reason={self.reason!r}")
+        parts += [
+            f"stored={self.stored}",
+            f"duplicates={self.duplicates}",
+            f"failed={self.failed}",
+            f"echoes={self.echoes}",
+            f"studies={len(self.studies)}",
+            f"bytes={self.bytes}",
+            f"duration_s={duration:.3f}",
+        ]
+        return " ".join(parts)
+
+
+@dataclass
+class ReceiverStats:
+    """Counters since the listener started."""
+
+    associations: int = 0
+    rejected: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+
+
+@dataclass
+class _StoreStream:
+    """A C-STORE data set being written to ``incoming/`` while its P-DATA arrive.
+
+    What has been written is dropped from pynetdicom's in-memory buffer, so a large instance
+    never sits in memory whole; ``lost`` marks a stream that failed after that point (the
+    data are gone and the instance cannot be stored).
+    """
+
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    meta_length: int
+    file: IncomingFile | None
+    streamed: int = 0
+    """Data set bytes written to the file (and dropped from memory)."""
+    head: bytearray = field(default_factory=bytearray)
+    """The first streamed bytes (up to :data:`_HEAD_KEEP`), for reading the header."""
+    lost: bool = False
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
+
+
+class Receiver:
+    """The node's DICOM listener (Verification and Storage SCP).
+
+    A C-STORE data set is appended to a file in ``spool/incoming`` and to the association's
+    receive journal segment as its P-DATA arrive (the journal asking the kernel to start writing
+    it out), so that when the last fragment arrives only the tail and one flush remain. The
+    handler then checks the data set, finishes the file (or writes it whole if streaming was
+    not possible), commits the journal record, renames the file into place and records it.
+    """
+
+    def __init__(
+        self, config: NodeConfig, state: StateDB, spool: Spool, journal: Journal | None = None
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.spool = spool
+        self.journal = journal if journal is not None else Journal(spool)
+        self._segments: dict[int, Segment] = {}
+        self._segments_lock = threading.Lock()
+        self.stats = ReceiverStats()
+        self._stats_lock = threading.Lock()
+        self._audits: dict[int, AssociationAudit] = {}
+        self._audits_lock = threading.Lock()
+        self._uid_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._streams: dict[int, _StoreStream] = {}
+        self._streams_lock = threading.Lock()
+        self._peer_hosts: dict[str, set[str]] = {}
+        self._accepted: dict[str, frozenset[str]] = {
+            str(cx.abstract_syntax): frozenset(str(ts) for ts in cx.transfer_syntax)
+            for cx in storage_contexts()
+        }
+        self._server: NodeAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self.ae = self._make_ae()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        node = self.config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_length
+        ae.acse_timeout = node.timeouts.acse
+        ae.dimse_timeout = node.timeouts.dimse
+        ae.network_timeout = node.timeouts.network
+        ae.connection_timeout = node.timeouts.connect
+        ae.require_called_aet = False  # checked in _on_requested, with an audit line
+        return ae
+
+    def start(self) -> tuple[str, int]:
+        """Start listening; returns the bound (host, port)."""
+        if self._server is not None:
+            raise RuntimeError("the listener is already running")
+        self._resolve_peer_hosts()
+        node = self.config.node
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        server = self.ae.make_server(
+            (node.bind, node.port),
+            contexts=storage_contexts(),
+            evt_handlers=handlers,
+            server_class=NodeAssociationServer,
+            max_pdu_length=node.max_pdu_length,
+            max_connections=2 * node.max_associations + 4,
+            on_association_end=self._on_end,
+            on_pdata=self._on_pdata,
+        )
+        assert isinstance(server, NodeAssociationServer)
+        self.ae._servers.append(server)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-listener"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+        host, port = server.server_address[:2]
+        LOGGER.info(
+            "listening as %s on %s:%d (max %d associations)",
+            node.ae_title,
+            host,
+            port,
+            node.max_associations,
+        )
+        return str(host), int(port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("the listener is not running")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def active_associations(self) -> list[Association]:
+        return [] if self._server is None else list(self._server.active_associations)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop accepting, abort open associations and wait for their threads to end.
+
+        A C-STORE whose file is being written finishes writing and recording before its
+        association thread ends, so nothing acknowledged or recorded is cut in half.
+
+        Returns:
+            ``True`` if every association thread ended within ``timeout``.
+        """
+        server = self._server
+        if server is None:
+            return True
+        server.shutdown()
+        assocs = list(server.active_associations)
+        for assoc in assocs:
+            try:
+                assoc.abort()
+            except Exception:  # the association ended meanwhile
+                LOGGER.debug("abort on shutdown failed", exc_info=True)
+        deadline = time.monotonic() + timeout
+        for assoc in assocs:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._server = None
+        self._thread = None
+        ended = not any(assoc.is_alive() for assoc in assocs)
+        with self._segments_lock:
+            segments = list(self._segments.values())
+            self._segments.clear()
+        for segment in segments:
+            self.journal.retire(segment)
+        checkpointed = self.journal.checkpointer.stop(max(1.0, deadline - time.monotonic()))
+        return ended and checkpointed
+
+    # -- policy ----------------------------------------------------------------------------
+
+    def _resolve_peer_hosts(self) -> None:
+        self._peer_hosts = {}
+        for name, peer in self.config.peers.items():
+            if not peer.check_host:
+                continue
+            addresses: set[str] = set()
+            try:
+                for info in socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP):
+                    addresses.add(_normalise_ip(str(info[4][0])))
+            except OSError as exc:
+                LOGGER.warning("peer %s: host %s does not resolve (%s)", name, peer.host, exc)
+            self._peer_hosts[name] = addresses
+
+    def _match_peer(self, calling_ae: str, address: str) -> tuple[str, PeerConfig] | str:
+        """The configured peer for a calling AE title and address, or the refusal reason."""
+        candidates = [
+            (name, peer) for name, peer in self.config.peers.items() if peer.ae_title == calling_ae
+        ]
+        if not candidates:
+            return "calling AE title is not a configured peer"
+        address = _normalise_ip(address)
+        for name, peer in candidates:
+            if not peer.check_host or address in self._peer_hosts.get(name, set()):
+                return name, peer
+        return "calling AE title is not allowed from this host"
+
+    def _audit(self, assoc: Association) -> AssociationAudit:
+        with self._audits_lock:
+            audit = self._audits.get(id(assoc))
+            if audit is None:
+                address, port = _peer_address(assoc)
+                audit = AssociationAudit(address=address, port=port)
+                self._audits[id(assoc)] = audit
+            return audit
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        self._audit(event.assoc)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        audit = self._audit(assoc)
+        request = assoc.requestor.primitive
+        if request is None:
+            return
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        audit.calling_ae, audit.called_ae = calling, called
+        if called != self.config.node.ae_title:
+            self._reject(assoc, REJECT_CALLED_AE, "called AE title is not this node's")
+            return
+        match = self._match_peer(calling, audit.address)
+        if isinstance(match, str):
+            self._reject(assoc, REJECT_CALLING_AE, match)
+            return
+        name, peer = match
+        audit.peer = name
+        assoc.acceptor.supported_contexts = self._contexts_for(
+            request.presentation_context_definition_list, peer.may_send
+        )
+
+    def _contexts_for(self, requested: list[Any], may_send: bool) -> list[PresentationContext]:
+        """Contexts to negotiate with: the requestor's transfer syntax order, where we accept it.
+
+        pynetdicom picks, per proposed context, the first of the acceptor's transfer syntaxes
+        that the requestor offers. Ordering ours like the requestor's proposal means a sender
+        that offers its file's own (e.g. compressed) syntax first gets it accepted, and the
+        node stores what the sender has, not a conversion. A peer without ``may_send`` is
+        offered Verification only.
+        """
+        ordered: dict[str, list[str]] = {}
+        for context in requested:
+            abstract = str(context.abstract_syntax)
+            allowed = self._accepted.get(abstract)
+            if allowed is None or (not may_send and abstract != VERIFICATION):
+                continue
+            syntaxes = ordered.setdefault(abstract, [])
+            for syntax in context.transfer_syntax:
+                if str(syntax) in allowed and str(syntax) not in syntaxes:
+                    syntaxes.append(str(syntax))
+        return [
+            build_context(abstract, syntaxes or sorted(self._accepted[abstract]))
+            for abstract, syntaxes in ordered.items()
+        ]
+
+    def _reject(self, assoc: Association, rsd: tuple[int, int, int], reason: str) -> None:
+        self._audit(assoc).reason = reason
+        assoc.acse.send_reject(*rsd)
+        assoc.kill()
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def _on_pdata(self, assoc: Association) -> None:
+        """Move what arrived of a C-STORE data set from memory to its incoming file.
+
+        Runs in the upper layer's thread after each P-DATA primitive, before the next one is
+        read; the final fragment is left to the C-STORE handler.
+        """
+        message = assoc.dimse.message
+        if not isinstance(message, C_STORE_RQ) or message.data_set is None:
+            return
+        message_id = int(message.command_set.MessageID)
+        key = id(assoc)
+        with self._streams_lock:
+            stream = self._streams.get(key)
+            if stream is None or stream.message_id != message_id:
+                if stream is not None:
+                    stream.discard()
+                stream = self._open_stream(assoc, message, message_id)
+                self._streams[key] = stream
+        incoming = stream.file
+        if incoming is None:
+            return
+        buffer = message.data_set
+        try:
+            view = buffer.getbuffer()
+            try:
+                incoming.write(view)
+                count = len(view)
+                missing = _HEAD_KEEP - len(stream.head)
+                if missing > 0:
+                    stream.head += view[:missing]
+            finally:
+                view.release()
+        except OSError as exc:
+            LOGGER.debug("writing a data set while it arrives failed: %s", exc)
+            stream.discard()
+            stream.lost = stream.streamed > 0
+            return
+        stream.streamed += count
+        buffer.seek(0)
+        buffer.truncate()
+
+    def _open_stream(self, assoc: Association, message: Any, message_id: int) -> _StoreStream:
+        command = message.command_set
+        sop_class = str(command.AffectedSOPClassUID or "").strip("\x00 ")
+        sop_instance = str(command.AffectedSOPInstanceUID or "").strip("\x00 ")
+        context = assoc._accepted_cx.get(message.context_id)
+        transfer_syntax = str(context.transfer_syntax[0]) if context is not None else ""
+        stream = _StoreStream(message_id, sop_class, sop_instance, transfer_syntax, 0, None)
+        if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance) and transfer_syntax):
+            return stream  # the handler refuses it; nothing to write ahead
+        meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, self._calling_ae(assoc))
+        try:
+            incoming = self._open_incoming(assoc)
+        except OSError:
+            return stream  # reserve reached or storage error: the handler answers
+        try:
+            incoming.write(meta)
+        except OSError:
+            incoming.discard()
+            return stream
+        stream.meta_length = len(meta)
+        stream.file = incoming
+        return stream
+
+    def _open_incoming(self, assoc: Association) -> IncomingFile:
+        """A new incoming file mirrored to a record of the association's journal segment."""
+        self.spool.check_room(0)
+        key = id(assoc)
+        with self._segments_lock:
+            segment = self._segments.get(key)
+            if segment is not None and segment.size >= self.journal.segment_limit:
+                del self._segments[key]
+                self.journal.retire(segment)
+                segment = None
+            if segment is None:
+                segment = self.journal.open_segment()
+                self._segments[key] = segment
+            record = JournalRecord(segment, segment.begin())
+        try:
+            return self.spool.open_incoming(mirror=record, check_room=False)
+        except BaseException:
+            record.end()
+            raise
+
+    def _take_stream(self, assoc: Association, message_id: int) -> _StoreStream | None:
+        with self._streams_lock:
+            stream = self._streams.get(id(assoc))
+            if stream is None or stream.message_id != message_id:
+                return None
+            del self._streams[id(assoc)]
+            return stream
+
+    def _calling_ae(self, assoc: Association) -> str:
+        with self._audits_lock:
+            audit = self._audits.get(id(assoc))
+        return audit.calling_ae if audit is not None else ""
+
+    # -- services --------------------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        self._audit(event.assoc).echoes += 1
+        return SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        audit = self._audit(event.assoc)
+        request = cast(C_STORE, event.request)
+        stream = request.DataSet
+        data = stream.getbuffer() if stream is not None else memoryview(b"")
+        try:
+            status = self._store(event, audit, data)
+        finally:
+            data.release()
+        code = status if isinstance(status, int) else int(status.Status)
+        with self._stats_lock:
+            if code == SUCCESS:
+                self.stats.stored += 1
+            else:
+                self.stats.failed += 1
+        if code != SUCCESS:
+            audit.failed += 1
+        return status
+
+    def _store(self, event: evt.Event, audit: AssociationAudit, tail: memoryview) -> int | Dataset:
+        request = cast(C_STORE, event.request)
+        stream = self._take_stream(event.assoc, int(request.MessageID or 0))
+        incoming: IncomingFile | None = None
+        try:
+            status, incoming = self._store_checked(event, audit, tail, stream)
+            return status
+        finally:
+            if stream is not None:
+                stream.discard()
+            if incoming is not None:
+                incoming.discard()
+
+    def _store_checked(
+        self,
+        event: evt.Event,
+        audit: AssociationAudit,
+        tail: memoryview,
+        stream: _StoreStream | None,
+    ) -> tuple[int | Dataset, IncomingFile | None]:
+        """Check, write, commit and record one instance.
+
+        ``tail`` is what pynetdicom still holds of the data set: all of it, or, when the
+        beginning was streamed to an incoming file already, the rest. Returns the status and
+        an incoming file the caller must discard (``None`` once it was committed).
+        """
+        request = cast(C_STORE, event.request)
+        transfer_syntax = str(event.context.transfer_syntax)
+        command_uid = str(request.AffectedSOPInstanceUID or "").strip("\x00 ")
+        command_class = str(request.AffectedSOPClassUID or "").strip("\x00 ")
+        if not is_valid_uid(command_uid):
+            LOGGER.warning("C-STORE refused: the request's Affected SOP Instance UID is invalid")
+            return _status(CANNOT_UNDERSTAND, "Affected SOP Instance UID is not a valid UID"), None
+        tag = uid_tag(command_uid)
+        if stream is not None and stream.lost:
+            LOGGER.error("C-STORE of instance %s failed: storage error while receiving", tag)
+            return _status(OUT_OF_RESOURCES, "the node could not store the instance"), None
+
+        incoming: IncomingFile | None = None
+        head: bytes | memoryview
+        try:
+            if stream is not None and stream.file is not None and (
+                stream.sop_instance_uid == command_uid
+                and stream.sop_class_uid == command_class
+                and stream.transfer_syntax == transfer_syntax
+            ):
+                incoming, stream.file = stream.file, None
+                meta_length = stream.meta_length
+                incoming.write(tail)
+                total = stream.streamed + len(tail)
+                if stream.streamed == len(stream.head):  # all of the streamed part is in memory
+                    head = bytes(stream.head) + tail[: HEADER_INFLATE_LIMIT - len(stream.head)]
+                else:
+                    head = bytes(stream.head)
+            else:
+                meta_length = 0
+                head = tail[:HEADER_INFLATE_LIMIT]
+                total = len(tail)
+            try:
+                try:
+                    header = read_header(head, transfer_syntax, truncated=total > len(head))
+                except HeaderError:
+                    if incoming is None or len(head) >= min(total, HEADER_INFLATE_LIMIT):
+                        raise
+                    head = self._head_of(incoming.path, meta_length)  # a very long header
+                    header = read_header(head, transfer_syntax, truncated=total > len(head))
+            except HeaderError as exc:
+                LOGGER.warning("C-STORE of instance %s refused: %s", tag, exc)
+                return _status(CANNOT_UNDERSTAND, str(exc)), incoming
+            if header.sop_instance_uid != command_uid:
+                LOGGER.warning(
+                    "C-STORE of instance %s refused: the data set has another SOP Instance UID",
+                    tag,
+                )
+                return (
+                    _status(DATASET_MISMATCH, "SOP Instance UID differs from the request's"),
+                    incoming,
+                )
+            if header.sop_class_uid != command_class:
+                LOGGER.warning(
+                    "C-STORE of instance %s refused: the data set has another SOP Class UID", tag
+                )
+                return (
+                    _status(DATASET_MISMATCH, "SOP Class UID differs from the request's"),
+                    incoming,
+                )
+            if incoming is None:
+                meta = encode_file_meta(
+                    header.sop_class_uid, header.sop_instance_uid, transfer_syntax,
+                    audit.calling_ae,
+                )
+                meta_length = len(meta)
+                self.spool.check_room(meta_length + total)
+                incoming = self._open_incoming(event.assoc)
+                incoming.write(meta)
+                incoming.write(tail)
+            size = incoming.size
+            record = cast(JournalRecord, incoming.mirror)
+            tmp = incoming.close()
+            self.spool.check_room(0)
+            with self._uid_locks[hash(command_uid) % _LOCK_STRIPES]:
+                existing = self.state.current_instance(header.sop_instance_uid)
+                if existing is not None and self._same(existing, transfer_syntax, tmp, meta_length):
+                    return self._duplicate(audit, tag), incoming
+                revision = 1 if existing is None else existing.revision + 1
+                relative = self.spool.relative_path(
+                    header.study_uid, header.sop_instance_uid, revision
+                )
+                record.commit(relative)  # durable from here on
+                self.spool.place(tmp, relative)
+                incoming = None
+                self.state.record_instance(
+                    NewInstance(
+                        study_uid=header.study_uid,
+                        series_uid=header.series_uid,
+                        sop_instance_uid=header.sop_instance_uid,
+                        sop_class_uid=header.sop_class_uid,
+                        modality=header.modality,
+                        transfer_syntax_uid=transfer_syntax,
+                        path=relative,
+                        data_offset=meta_length,
+                        size=size,
+                        revision=revision,
+                        calling_ae=audit.calling_ae,
+                    )
+                )
+        except SpoolFullError:
+            LOGGER.warning("C-STORE of instance %s refused: disk free space below reserve", tag)
+            return _status(OUT_OF_RESOURCES, "insufficient free disk space on the node"), incoming
+        except (OSError, sqlite3.Error) as exc:
+            LOGGER.error("C-STORE of instance %s failed: storage error %s", tag, type(exc).__name__)
+            LOGGER.debug("storage error", exc_info=exc)
+            return _status(OUT_OF_RESOURCES, "the node could not store the instance"), incoming
+        except Exception as exc:
+            LOGGER.error("C-STORE of instance %s failed: %s", tag, type(exc).__name__)
+            LOGGER.debug("unexpected C-STORE error", exc_info=exc)
+            return (
+                _status(CANNOT_UNDERSTAND, "internal error while storing the instance"),
+                incoming,
+            )
+        if revision > 1:
+            LOGGER.info(
+                "instance %s of study %s received with different content: kept as revision %d",
+                tag,
+                uid_tag(header.study_uid),
+                revision,
+            )
+        audit.stored += 1
+        audit.bytes += total
+        audit.studies.add(header.study_uid)
+        return SUCCESS, None
+
+    @staticmethod
+    def _head_of(path: Path, offset: int) -> bytes:
+        """The first bytes of the data set in an incoming file (enough for its header)."""
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(HEADER_INFLATE_LIMIT)
+
+    def _duplicate(self, audit: AssociationAudit, tag: str) -> int:
+        audit.duplicates += 1
+        with self._stats_lock:
+            self.stats.duplicates += 1
+        LOGGER.debug("instance %s received again, identical: not stored twice", tag)
+        return SUCCESS
+
+    def _same(
+        self, existing: InstanceRecord, transfer_syntax: str, path: Path, offset: int
+    ) -> bool:
+        """True if the stored current revision holds exactly the data set in ``path``."""
+        return existing.transfer_syntax_uid == transfer_syntax and self.spool.same_file_data(
+            existing.path, existing.data_offset, path, offset
+        )
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def _on_end(self, assoc: Association) -> None:
+        with self._streams_lock:
+            stream = self._streams.pop(id(assoc), None)
+        if stream is not None:
+            stream.discard()
+        with self._segments_lock:
+            segment = self._segments.pop(id(assoc), None)
+        if segment is not None:
+            self.journal.retire(segment)
+        with self._audits_lock:
+            audit = self._audits.pop(id(assoc), None)
+        if audit is None:
+            address, port = _peer_address(assoc)
+            audit = AssociationAudit(address=address, port=port)
+        if assoc.is_rejected:
+            outcome = "rejected"
+            if not audit.reason:
+                audit.reason = _reject_reason(assoc)
+        elif assoc.is_released:
+            outcome = "released"
+        elif assoc.is_aborted:
+            outcome = "aborted"
+        else:
+            outcome = "closed"
+        with self._stats_lock:
+            self.stats.associations += 1
+            if outcome == "rejected":
+                self.stats.rejected += 1
+        level = logging.WARNING if outcome in ("rejected", "aborted") else logging.INFO
+        AUDIT.log(level, audit.line(outcome))
+
+
+def _reject_reason(assoc: Association) -> str:
+    primitive = assoc.acceptor.primitive
+    diagnostic = getattr(primitive, "diagnostic", None)
+    source = getattr(primitive, "result_source", None)
+    if source == 0x03 and diagnostic == 0x02:
+        return "association limit reached"
+    return f"source={source} diagnostic={diagnostic}"
+
+
+def _peer_address(assoc: Association) -> tuple[str, int]:
+    info = assoc.requestor.address_info
+    if info is None:
+        return "?", 0
+    return str(info.address), int(info.port or 0)
+
+
+def _normalise_ip(address: str) -> str:
+    address = address.split("%", 1)[0]
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
