@@ -183,9 +183,11 @@ def test_a_large_instance_is_not_held_in_memory(tmp_path: Path) -> None:
     big = tmp_path / "big.dcm"
     ds.save_as(big, enforce_file_format=True)
     del ds
-    serve = ServeProcess(write_config(tmp_path / "node"), log_path=tmp_path / "serve.log")
+    log_path = tmp_path / "serve.log"
+    serve = ServeProcess(write_config(tmp_path / "node"), log_path=log_path)
     try:
         process = psutil.Process(serve.proc.pid)
+        _wait_for_model_preload(log_path)
         baseline = process.memory_info().rss
         peak = baseline
         done = threading.Event()
@@ -212,6 +214,17 @@ def test_a_large_instance_is_not_held_in_memory(tmp_path: Path) -> None:
         assert data_set_of(stored) == data_set_of(big)
     finally:
         assert serve.terminate() == 0
+
+
+def _wait_for_model_preload(log_path: Path, timeout: float = 180.0) -> None:
+    """Wait until the in-process runner has tried to load the models (its imports take memory)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        if "the analysis cannot run" in text or "models ready" in text:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the node did not finish loading its models:\n" + log_path.read_text())
 
 
 def dcmread_uid(path: Path) -> str:
