@@ -78,6 +78,8 @@ class SegmenterTrainConfig(BaseModel):
     amp: bool = True
     time_budget_s: float | None = Field(default=None, gt=0)
     """Stop at the first validation past this many seconds (best weights are kept)."""
+    min_steps: int = Field(default=0, ge=0)
+    """The time budget never stops training before this many steps."""
     seed: int = 0
     device: str = "auto"
 
@@ -367,7 +369,11 @@ def train_segmenter(
                 temp.replace(checkpoint)
             if augment is not None:
                 augment.set_random_state(seed=config.seed + 104729 * int(state["step"]))
-            if config.time_budget_s is not None and elapsed >= config.time_budget_s:
+            if (
+                config.time_budget_s is not None
+                and elapsed >= config.time_budget_s
+                and state["step"] >= config.min_steps
+            ):
                 stopped = "time_budget"
                 break
     task.finish()
