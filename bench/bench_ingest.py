@@ -6,8 +6,10 @@ write new files) and is fed by dcmtk ``storescu`` with ``TCP_NODELAY=1``:
 
 * ``storescp``    dcmtk's reference receiver (``-od``; ``--fork`` for concurrent associations);
                   it does not fsync;
-* ``opmri-node``  ``python -m opmri_node serve``: fsync of file and folder and a committed
-                  state database row before every 0x0000;
+* ``opmri-node``  ``python -m opmri_node serve`` with a Redis broker (started by the
+                  benchmark), as it runs beside Celery workers: the listening process holds no
+                  models; a journal record flushed with fdatasync and a committed state
+                  database row before every 0x0000;
 * ``pynetdicom``  a plain pynetdicom 3 handler that decodes the data set and calls ``save_as``
                   (what a first implementation usually looks like);
 * ``storescp+sync`` storescp again, timed until ``sync`` has put its files on disk.
@@ -69,6 +71,9 @@ ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store)])
 """
 
 console = Console()
+BROKER_URL = "redis://127.0.0.1:6379/0"
+"""Set in main() to a redis-server the benchmark starts (the node runs as in production with
+workers: the SCP process holds no models)."""
 
 
 @dataclass
@@ -123,6 +128,8 @@ def start_node(out: Path, port: int, concurrent: bool) -> subprocess.Popen[bytes
         "    host: 127.0.0.1\n"
         "    port: 11112\n"
         "    may_send: true\n"
+        "queue:\n"
+        f"  broker: {BROKER_URL}\n"
     )
     return subprocess.Popen(
         [sys.executable, "-m", "opmri_node", "serve", "--config", str(config)],
@@ -305,7 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so that receivers started by the benchmark are stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
+    global BROKER_URL
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    BROKER_URL = f"redis://127.0.0.1:{redis_port}/0"
     try:
         console.print(f"generating {args.instances} MR instances of {args.size}x{args.size} ...")
         series = make_mr_series(work / "input" / "all", args.instances, size=args.size)
@@ -337,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         bombs = {r.name: pdu_bomb(r, work, args.bomb_mb) for r in receivers[1:3]}
     finally:
+        redis.terminate()
+        redis.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
     reference = receivers[0]

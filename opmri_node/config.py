@@ -159,6 +159,14 @@ class QueueSection(_Section):
 
     broker: str | None = None
     """``null``: jobs run inside the node; ``redis://host:port/db``: Celery workers."""
+    visibility_timeout: Annotated[float, Field(ge=10, le=7 * 86400)] = 3600.0
+    """Seconds a delivered, unacknowledged task stays invisible before Redis hands it to
+    another worker (a worker that vanished as a whole); keep it above the longest task."""
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    """Deliveries of one analysis job (a worker lost mid-job counts) before it is failed."""
+    requeue_interval: Annotated[float, Field(ge=1, le=86400)] = 60.0
+    """The node sends pending jobs and due exports to the broker again after this long
+    (messages lost with a broker that restarted without its data)."""
 
     @field_validator("broker")
     @classmethod
@@ -191,6 +199,17 @@ class ExportSection(_Section):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
 
+class MonitoringSection(_Section):
+    """The ``monitoring:`` section: HTTP endpoints for Prometheus and health checks."""
+
+    bind: Host = "127.0.0.1"
+    """Address of the HTTP listener (``0.0.0.0`` to let a scraper on another host in)."""
+    port: Port | None = None
+    """Port serving ``/metrics`` (Prometheus) and ``/healthz``; ``null``: no HTTP listener."""
+    worker_port: Port | None = None
+    """Port of the same endpoints in ``opmri-node worker`` (``null``: none)."""
+
+
 class NodeConfig(_Section):
     """The whole configuration file."""
 
@@ -199,6 +218,7 @@ class NodeConfig(_Section):
     queue: QueueSection = Field(default_factory=QueueSection)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     export: ExportSection = Field(default_factory=ExportSection)
+    monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
 
     @field_validator("peers", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ and rows left ``sending`` by a crash (:meth:`Outbox.recover`) and sends them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -138,20 +139,33 @@ class Outbox:
         self.results_root = Path(results_root)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        try:
-            self._conn = sqlite3.connect(
-                str(self.db_path),
-                timeout=busy_timeout_s,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            _create_schema(self._conn)
-        except sqlite3.DatabaseError as exc:
-            raise OutboxError(f"{self.db_path}: not a usable state database ({exc})") from None
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            try:
+                self._conn = sqlite3.connect(
+                    str(self.db_path),
+                    timeout=busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._conn.row_factory = sqlite3.Row
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+                self._conn.execute("PRAGMA foreign_keys=ON")
+                _create_schema(self._conn)
+                break
+            except sqlite3.OperationalError as exc:
+                # Setting WAL mode and creating the schema may meet another process doing
+                # the same at the same moment; SQLite then reports "locked" at once.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise OutboxError(
+                        f"{self.db_path}: not a usable state database ({exc})"
+                    ) from None
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                time.sleep(0.05)
+            except sqlite3.DatabaseError as exc:
+                raise OutboxError(f"{self.db_path}: not a usable state database ({exc})") from None
 
     def close(self) -> None:
         with self._lock:
@@ -248,6 +262,20 @@ class Outbox:
                 )
                 outbox_ids.append(entry_id)
         return set_id, outbox_ids
+
+    def result_set_of_job(self, job_id: int) -> ResultSet | None:
+        """The result set an analysis job recorded, if any (a job records at most one)."""
+        rows = self._read(
+            "SELECT id FROM result_sets WHERE job_id = ? ORDER BY id LIMIT 1", (job_id,)
+        )
+        return self.result_set(int(rows[0][0])) if rows else None
+
+    def entries_of_result_set(self, result_set_id: int) -> list[int]:
+        """Ids of the outbox rows of a result set (one per result peer)."""
+        rows = self._read(
+            "SELECT id FROM outbox WHERE result_set_id = ? ORDER BY id", (result_set_id,)
+        )
+        return [int(row[0]) for row in rows]
 
     def _relative(self, path: Path) -> str:
         try:

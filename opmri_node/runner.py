@@ -168,12 +168,19 @@ def run_analysis_job(
     *,
     analyzer: Analyzer | None = None,
     worker: str = IN_PROCESS_WORKER,
+    max_attempts: int | None = None,
 ) -> AnalysisOutcome:
     """Analyse the study of a pending analysis job and queue its results for export.
 
     The job ends ``done`` (analysed, or not analysable: no results and no error) or ``failed``
     with a message (models missing, source files unreadable, an unexpected error). Never
     raises for a bad study.
+
+    Each claim counts an attempt. An attempt that never finished (its worker was lost) leaves
+    the job running; whoever puts it back to pending and claims it again starts the next
+    attempt, and beyond ``max_attempts`` the job is failed instead of run (a study that kills
+    its worker every time). A job whose result set was recorded before its worker was lost
+    is finished without analysing again, so a study never gets two result sets from one job.
     """
     started = time.monotonic()
     job = state.claim_job(job_id, worker)
@@ -184,6 +191,33 @@ def run_analysis_job(
         message = f"unknown job kind {job.kind!r}"
         state.fail_job(job_id, message)
         return AnalysisOutcome(job_id, "failed", error=message)
+    if max_attempts is not None and job.attempts > max_attempts:
+        message = (
+            f"worker lost in each of {job.attempts - 1} attempt(s); stopped at the limit "
+            f"queue.max_attempts = {max_attempts}"
+        )
+        state.fail_job(job_id, message)
+        LOGGER.error("analysis job %d (study %s) failed: %s", job_id, tag, message)
+        return AnalysisOutcome(job_id, "failed", error=message)
+    if job.attempts > 1:
+        with open_outbox(config, state.path) as earlier:
+            recorded = earlier.result_set_of_job(job_id)
+            recorded_ids = (
+                [] if recorded is None else earlier.entries_of_result_set(recorded.id)
+            )
+            recorded_files = 0 if recorded is None else len(earlier.files(recorded.id))
+        if recorded is not None:
+            state.finish_job(job_id)
+            LOGGER.info("job %d: results were recorded by an earlier attempt", job_id)
+            return AnalysisOutcome(
+                job_id,
+                "done",
+                outcome="analysed",
+                result_set_id=recorded.id,
+                outbox_ids=tuple(recorded_ids),
+                objects=recorded_files,
+                seconds=time.monotonic() - started,
+            )
     outbox: Outbox | None = None
     try:
         spool = open_spool(config)
@@ -418,7 +452,12 @@ class InProcessRunner:
             self._enter()
             try:
                 outcome = run_analysis_job(
-                    self.config, state, job_id, analyzer=self.analyzer, worker=self.worker
+                    self.config,
+                    state,
+                    job_id,
+                    analyzer=self.analyzer,
+                    worker=self.worker,
+                    max_attempts=self.config.queue.max_attempts,
                 )
                 if outcome.outbox_ids:
                     self._wake_export.set()

@@ -61,6 +61,7 @@ from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from opmri_node.config import NodeConfig, PeerConfig
 from opmri_node.dicomnet import NodeAssociationServer
 from opmri_node.journal import Journal, JournalRecord, Segment
+from opmri_node.monitoring import record_association
 from opmri_node.spool import (
     HEADER_INFLATE_LIMIT,
     HeaderError,
@@ -310,6 +311,15 @@ class Receiver:
             raise RuntimeError("the listener is not running")
         host, port = self._server.server_address[:2]
         return str(host), int(port)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the listener thread runs and its socket is open (the health check)."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None or not thread.is_alive():
+            return False
+        sock = server.socket
+        return sock is not None and sock.fileno() >= 0
 
     def active_associations(self) -> list[Association]:
         return [] if self._server is None else list(self._server.active_associations)
@@ -768,6 +778,7 @@ class Receiver:
             self.stats.associations += 1
             if outcome == "rejected":
                 self.stats.rejected += 1
+        record_association(outcome, audit.reason)
         level = logging.WARNING if outcome in ("rejected", "aborted") else logging.INFO
         AUDIT.log(level, audit.line(outcome))
 

@@ -14,7 +14,9 @@ Start-up order makes a restart after a crash (even ``kill -9``) safe:
    power failure took) are indexed again;
 4. the listener starts;
 5. pending jobs are dispatched again and the study assembler resumes the stability timers
-   of studies still receiving (their ``last_received`` time is in the database).
+   of studies still receiving (their ``last_received`` time is in the database);
+6. with ``monitoring.port`` set, ``/metrics`` and ``/healthz`` are served
+   (:mod:`opmri_node.monitoring`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from types import FrameType, TracebackType
 from opmri_node.assembly import JobDispatcher, PendingJobs, StudyAssembler
 from opmri_node.config import NodeConfig
 from opmri_node.journal import Journal
+from opmri_node.monitoring import MonitoringServer, start_monitoring
 from opmri_node.scp import Receiver
 from opmri_node.spool import HeaderError, Spool, fsync_dir, read_stored_header
 from opmri_node.state import NewInstance, StateDB
@@ -101,6 +104,7 @@ class Node:
         self.spool: Spool | None = None
         self.receiver: Receiver | None = None
         self.assembler: StudyAssembler | None = None
+        self.monitoring: MonitoringServer | None = None
         self._audit_handler: logging.Handler | None = None
         self._stop = threading.Event()
 
@@ -142,7 +146,16 @@ class Node:
         )
         self.assembler.resume()
         self.assembler.start()
+        try:
+            self.monitoring = start_monitoring(self.config, "node", self._listener_ok)
+        except BaseException:
+            self.stop()
+            raise
         return address
+
+    def _listener_ok(self) -> bool:
+        receiver = self.receiver
+        return receiver is not None and receiver.listening
 
     @property
     def address(self) -> tuple[str, int]:
@@ -153,6 +166,9 @@ class Node:
     def stop(self) -> None:
         """Stop listening and assembling, then close the state database."""
         clean = True
+        if self.monitoring is not None:
+            self.monitoring.close()
+            self.monitoring = None
         if self.receiver is not None:
             clean = self.receiver.stop()
             self.receiver = None

@@ -32,6 +32,7 @@ re-indexes spool files the database does not know after any unclean stop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import threading
@@ -162,20 +163,33 @@ class StateDB:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        try:
-            self._conn = sqlite3.connect(
-                str(self.path),
-                timeout=busy_timeout_s,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA synchronous={synchronous}")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            _create_schema(self._conn)
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{self.path}: not a usable state database ({exc})") from None
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            try:
+                self._conn = sqlite3.connect(
+                    str(self.path),
+                    timeout=busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._conn.row_factory = sqlite3.Row
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute(f"PRAGMA synchronous={synchronous}")
+                self._conn.execute("PRAGMA foreign_keys=ON")
+                _create_schema(self._conn)
+                break
+            except sqlite3.OperationalError as exc:
+                # Setting WAL mode and creating the schema may meet another process doing
+                # the same at the same moment; SQLite then reports "locked" at once.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StateError(
+                        f"{self.path}: not a usable state database ({exc})"
+                    ) from None
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                time.sleep(0.05)
+            except sqlite3.DatabaseError as exc:
+                raise StateError(f"{self.path}: not a usable state database ({exc})") from None
 
     def close(self) -> None:
         with self._lock:

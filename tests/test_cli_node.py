@@ -64,9 +64,8 @@ def test_version_and_help() -> None:
     code, out, _ = invoke("--version")
     assert code == 0 and __version__ in out
     code, out, _ = invoke("--help")
-    for command in ("serve", "config", "echo", "send", "status"):
-        assert command in out
-    assert "worker" not in out.split("Commands:")[1].split()  # not offered until it exists
+    for command in ("serve", "worker", "config", "echo", "send", "status", "health"):
+        assert command in out.split("Commands:")[1].split()
     for args, text in (
         (("serve", "--help"), "study_stable_seconds"),
         (("config", "check", "--help"), "KEY.PATH"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -175,3 +176,52 @@ def test_in_process_runner_reports_missing_models_at_start(
         runner.stop()
     assert any("build-demo" in record.getMessage() for record in caplog.records)
     assert not runner.running
+
+
+def test_an_attempt_lost_after_recording_results_is_finished_without_a_second_set(
+    tmp_path: Path, synthetic_cohort: SyntheticCohort, result_models: TinyModels
+) -> None:
+    """A worker lost between recording the result set and marking the job done: the next
+    attempt finishes the job with the recorded set instead of analysing again."""
+    config = make_config(tmp_path, result_models.models_dir, result_models.architecture)
+    job_id = receive(config, synthetic_cohort.study_files(synthetic_cohort.labels[1]))
+    analyzer = Analyzer(config.pipeline)
+    with StateDB(state_db_path(config)) as state:
+        first = run_analysis_job(config, state, job_id, analyzer=analyzer, worker="celery:a")
+        assert first.status == "done"
+        # as the job stood when its worker died: results recorded, job still running
+        with sqlite3.connect(state.path) as conn:
+            conn.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (job_id,))
+        assert state.requeue_running("celery:a") == [job_id]
+        again = run_analysis_job(config, state, job_id, analyzer=analyzer, worker="celery:a",
+                                 max_attempts=3)
+        assert (again.status, again.result_set_id) == ("done", first.result_set_id)
+        assert sorted(again.outbox_ids) == sorted(first.outbox_ids)
+        assert again.objects == 4
+        job = state.job(job_id)
+        assert job is not None and (job.state, job.attempts) == ("done", 2)
+    with open_outbox(config) as outbox:
+        assert len({e.result_set_id for e in outbox.entries()}) == 1
+
+
+def test_a_job_beyond_its_attempt_limit_is_failed_not_run(tmp_path: Path) -> None:
+    config = make_config(tmp_path, tmp_path / "no-models")
+    with StateDB(state_db_path(config)) as state:
+        state.record_instance(
+            NewInstance(
+                study_uid="1.2.3", series_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR",
+                transfer_syntax_uid="1.2.840.10008.1.2.1", path="studies/x/y-1.dcm",
+                data_offset=0, size=0, revision=1, calling_ae="MODALITY",
+            ),
+            received_at=time.time() - 60,
+        )
+        [job_id] = state.create_ready_jobs(1.0)
+        for _ in range(2):  # two deliveries whose worker was lost
+            assert state.claim_job(job_id, "celery:x") is not None
+            assert state.requeue_running("celery:x") == [job_id]
+        outcome = run_analysis_job(config, state, job_id, worker="celery:x", max_attempts=2)
+        assert outcome.status == "failed"
+        assert "queue.max_attempts = 2" in outcome.error
+        job = state.job(job_id)
+        assert job is not None and (job.state, job.attempts) == ("failed", 3)

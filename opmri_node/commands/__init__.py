@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from opmri_node.commands import analysis, demo, models, node, outbox, synth
+from opmri_node.commands import analysis, demo, models, monitoring, node, outbox, synth, worker
 
-COMMAND_MODULES: tuple[ModuleType, ...] = (node, synth, analysis, models, outbox, demo)
+COMMAND_MODULES: tuple[ModuleType, ...] = (
+    node, worker, monitoring, synth, analysis, models, outbox, demo,
+)

@@ -15,6 +15,8 @@ import click
 
 if TYPE_CHECKING:
     from opmri_node.config import NodeConfig
+    from opmri_node.runner import InProcessRunner
+    from opmri_node.tasks import CeleryDispatcher
 
 CONFIG_HELP = "Config file (YAML). Default: $OPMRI_CONFIG, else the embedded default."
 
@@ -67,6 +69,9 @@ def serve(config_path: Path | None) -> None:
     instance for node.study_stable_seconds gets an analysis job. Without a broker
     (queue.broker: null) the node runs the job itself and sends the SEG, SR and key image to
     every peer with results: true, retrying as export.retry says (see opmri-node outbox).
+    With a broker, it sends job ids to Redis for `opmri-node worker` processes sharing
+    node.data_dir, and sends pending work again whenever it stayed pending for
+    queue.requeue_interval (a broker restarted without its data loses nothing).
 
     Stops cleanly on SIGTERM or Ctrl-C; after any stop, even kill -9, a restart carries on
     where it left off.
@@ -77,15 +82,18 @@ def serve(config_path: Path | None) -> None:
     _quiet_pynetdicom()
     from opmri_node.service import Node
 
-    runner = None
+    runner: InProcessRunner | CeleryDispatcher
     if config.queue.broker is None:
         from opmri_node.runner import InProcessRunner
 
         runner = InProcessRunner(config, preload=True)
+    else:
+        from opmri_node.tasks import CeleryDispatcher
+
+        runner = CeleryDispatcher(config)
     node = Node(config, dispatcher=runner)
     try:
-        if runner is not None:
-            runner.start()
+        runner.start()
         node.serve_forever()
     except OSError as exc:
         click.echo(
@@ -95,8 +103,7 @@ def serve(config_path: Path | None) -> None:
         )
         sys.exit(1)
     finally:
-        if runner is not None:
-            runner.stop()
+        runner.stop()
 
 
 @click.group("config")
@@ -227,32 +234,68 @@ def send_command(directory: Path, peer: str, config_path: Path | None) -> None:
 @click.command("status")
 @config_option
 @click.option("--limit", default=20, show_default=True, help="Studies to list (most recent first).")
+@click.option(
+    "--failures",
+    "failure_limit",
+    default=10,
+    show_default=True,
+    help="Recent failed jobs and failed exports to list (each).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead.")
-def status_command(config_path: Path | None, limit: int, as_json: bool) -> None:
-    """Show studies and jobs by state, from the node's state database.
+def status_command(
+    config_path: Path | None, limit: int, failure_limit: int, as_json: bool
+) -> None:
+    """Show studies and jobs by state, queue depths and recent failures.
 
-    Studies are shown by a tag (a hash of the Study Instance UID; the same tag appears in the
-    log and is the start of the study's spool folder name), never by patient data.
+    Reads the node's state database and, with a broker configured, the number of messages
+    waiting in the analysis and export queues. Studies are shown by a tag (a hash of the Study
+    Instance UID; the same tag appears in the log and is the start of the study's spool folder
+    name), never by patient data.
     """
     from rich.console import Console
     from rich.table import Table
 
+    from opmri_node.monitoring import (
+        FailedExport,
+        FailedJob,
+        failure_kind,
+        read_state_db,
+        recent_failures,
+    )
     from opmri_node.service import state_db_path
     from opmri_node.state import JOB_STATES, StateDB
 
     config = _load(config_path)
     path = state_db_path(config)
+    queues = _queue_status(config)
     if not path.exists():
         if as_json:
-            click.echo(json.dumps({"state_db": str(path), "studies": {}, "jobs": {}, "recent": []}))
+            click.echo(
+                json.dumps(
+                    {
+                        "state_db": str(path),
+                        "studies": {},
+                        "jobs": {},
+                        "recent": [],
+                        "queues": queues,
+                        "failures": {"jobs": [], "exports": []},
+                    }
+                )
+            )
         else:
             click.echo(f"no state database at {path}: the node has not received anything yet")
+            _print_queues(Console(), queues)
         return
     with StateDB(path) as state:
         study_counts = state.study_counts()
         job_counts = state.job_counts()
         recent = state.studies(limit=limit)
         instances = state.instance_count()
+    failed_jobs: list[FailedJob] = []
+    failed_exports: list[FailedExport] = []
+    if failure_limit > 0:
+        with read_state_db(path) as conn:
+            failed_jobs, failed_exports = recent_failures(conn, failure_limit)
 
     if as_json:
         payload: dict[str, Any] = {
@@ -270,6 +313,32 @@ def status_command(config_path: Path | None, limit: int, as_json: bool) -> None:
                 }
                 for s in recent
             ],
+            "queues": queues,
+            "failures": {
+                "jobs": [
+                    {
+                        "id": f.id,
+                        "study": f.study,
+                        "at": f.at,
+                        "attempts": f.attempts,
+                        "kind": failure_kind(f.error),
+                        "error": f.error,
+                    }
+                    for f in failed_jobs
+                ],
+                "exports": [
+                    {
+                        "id": f.id,
+                        "study": f.study,
+                        "peer": f.peer,
+                        "at": f.at,
+                        "attempts": f.attempts,
+                        "kind": failure_kind(f.error),
+                        "error": f.error,
+                    }
+                    for f in failed_exports
+                ],
+            },
         }
         click.echo(json.dumps(payload, indent=2))
         return
@@ -284,27 +353,79 @@ def status_command(config_path: Path | None, limit: int, as_json: bool) -> None:
     summary.add_row("jobs", "", *(str(job_counts.get(s, 0)) for s in JOB_STATES))
     console.print(summary)
     console.print(f"{instances} instance(s) stored")
-    if not recent:
-        return
-    table = Table(title=f"most recent studies (up to {limit})")
-    for column, justify in (
-        ("study", "left"),
-        ("instances", "right"),
-        ("series", "right"),
-        ("last received", "left"),
-        ("state", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    _print_queues(console, queues)
     now = time.time()
-    for s in recent:
-        when = datetime.fromtimestamp(s.last_received).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(
-            s.key[:12],
-            str(s.instances),
-            str(s.series),
-            f"{when} ({_age(now - s.last_received)} ago)",
-            s.state,
+    if recent:
+        table = Table(title=f"most recent studies (up to {limit})")
+        for column, justify in (
+            ("study", "left"),
+            ("instances", "right"),
+            ("series", "right"),
+            ("last received", "left"),
+            ("state", "left"),
+        ):
+            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        for s in recent:
+            when = datetime.fromtimestamp(s.last_received).strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(
+                s.key[:12],
+                str(s.instances),
+                str(s.series),
+                f"{when} ({_age(now - s.last_received)} ago)",
+                s.state,
+            )
+        console.print(table)
+    if failed_jobs or failed_exports:
+        console.print(
+            f"recent failures (newest first; up to {failure_limit} analysis jobs and "
+            f"{failure_limit} exports):"
         )
+        rows: list[tuple[str, str, float, int, str]] = [
+            (f"analysis job {f.id}", f.study, f.at, f.attempts, f.error) for f in failed_jobs
+        ]
+        rows += [
+            (f"export {f.id} to {f.peer}", f.study, f.at, f.attempts, f.error)
+            for f in failed_exports
+        ]
+        for what, study, at, attempts, error in sorted(rows, key=lambda r: r[2], reverse=True):
+            when = datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
+            console.print(
+                f"  {what}, study {study}, {when} ({_age(now - at)} ago), "
+                f"{attempts} attempt(s), {failure_kind(error)}: {error[:300]}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+def _queue_status(config: NodeConfig) -> dict[str, Any] | None:
+    """Queue depths for ``status`` (``None`` without a broker)."""
+    if config.queue.broker is None:
+        return None
+    from opmri_node.monitoring import BrokerUnavailableError, queue_depths
+
+    try:
+        depths = queue_depths(config.queue.broker)
+    except BrokerUnavailableError as exc:
+        return {"reachable": False, "error": str(exc)}
+    return {"reachable": True, "waiting": depths.waiting, "unacked": depths.unacked}
+
+
+def _print_queues(console: Any, queues: dict[str, Any] | None) -> None:
+    from rich.table import Table
+
+    if queues is None:
+        console.print("no broker configured: jobs run inside the node")
+        return
+    if not queues["reachable"]:
+        console.print(f"[red]broker not reachable[/]: {queues['error']}")
+        return
+    table = Table(title="broker queues")
+    table.add_column("queue")
+    table.add_column("waiting", justify="right")
+    for queue, count in queues["waiting"].items():
+        table.add_row(queue, str(count))
+    table.add_row("(delivered, not acknowledged)", str(queues["unacked"]))
     console.print(table)
 
 
