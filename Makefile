@@ -37,6 +37,7 @@ demo: venv
 
 lint: venv
 	$(BIN)/ruff check opmri_node pipeline train tests bench
+	$(BIN)/hadolint Dockerfile
 
 
 typecheck: venv
