@@ -25,7 +25,6 @@ and rows left ``sending`` by a crash (:meth:`Outbox.recover`) and sends them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import threading
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from opmri_node.config import RetryPolicy
+from opmri_node.state import connect_database
 
 OUTBOX_SCHEMA_VERSION: Final[int] = 1
 
@@ -139,33 +139,12 @@ class Outbox:
         self.results_root = Path(results_root)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        deadline = time.monotonic() + busy_timeout_s
-        while True:
-            try:
-                self._conn = sqlite3.connect(
-                    str(self.db_path),
-                    timeout=busy_timeout_s,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
-                self._conn.row_factory = sqlite3.Row
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=FULL")
-                self._conn.execute("PRAGMA foreign_keys=ON")
-                _create_schema(self._conn)
-                break
-            except sqlite3.OperationalError as exc:
-                # Setting WAL mode and creating the schema may meet another process doing
-                # the same at the same moment; SQLite then reports "locked" at once.
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise OutboxError(
-                        f"{self.db_path}: not a usable state database ({exc})"
-                    ) from None
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                time.sleep(0.05)
-            except sqlite3.DatabaseError as exc:
-                raise OutboxError(f"{self.db_path}: not a usable state database ({exc})") from None
+        try:
+            self._conn = connect_database(self.db_path, busy_timeout_s, "FULL", _create_schema)
+        except OutboxError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise OutboxError(f"{self.db_path}: not a usable state database ({exc})") from None
 
     def close(self) -> None:
         with self._lock:

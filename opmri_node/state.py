@@ -32,12 +32,11 @@ re-indexes spool files the database does not know after any unclean stop
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +146,43 @@ class Job:
     error: str | None
 
 
+def connect_database(
+    path: Path,
+    busy_timeout_s: float,
+    synchronous: str,
+    create_schema: Callable[[sqlite3.Connection], None],
+) -> sqlite3.Connection:
+    """A connection to the state database file in WAL mode, its schema created if missing.
+
+    Several processes (the node, workers, ``status``) open the file at the same moments;
+    setting WAL mode and creating the schema then meets "database is locked" at once (SQLite
+    does not wait for these), so opening is retried until ``busy_timeout_s``.
+
+    Raises:
+        sqlite3.DatabaseError: not a usable database.
+    """
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        conn = sqlite3.connect(
+            str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            create_schema(conn)
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        except BaseException:
+            conn.close()
+            raise
+
+
 class StateDB:
     """Thread-safe access to the state database.
 
@@ -163,33 +199,10 @@ class StateDB:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        deadline = time.monotonic() + busy_timeout_s
-        while True:
-            try:
-                self._conn = sqlite3.connect(
-                    str(self.path),
-                    timeout=busy_timeout_s,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
-                self._conn.row_factory = sqlite3.Row
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute(f"PRAGMA synchronous={synchronous}")
-                self._conn.execute("PRAGMA foreign_keys=ON")
-                _create_schema(self._conn)
-                break
-            except sqlite3.OperationalError as exc:
-                # Setting WAL mode and creating the schema may meet another process doing
-                # the same at the same moment; SQLite then reports "locked" at once.
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise StateError(
-                        f"{self.path}: not a usable state database ({exc})"
-                    ) from None
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                time.sleep(0.05)
-            except sqlite3.DatabaseError as exc:
-                raise StateError(f"{self.path}: not a usable state database ({exc})") from None
+        try:
+            self._conn = connect_database(self.path, busy_timeout_s, synchronous, _create_schema)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.path}: not a usable state database ({exc})") from None
 
     def close(self) -> None:
         with self._lock:

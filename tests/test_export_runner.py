@@ -84,6 +84,19 @@ def receive(config: NodeConfig, files: list[Path]) -> int:
     raise AssertionError("the node recorded no job")
 
 
+def record_quiet_instance(state: StateDB) -> None:
+    """One instance of a study that has been quiet for a minute (no file behind it)."""
+    state.record_instance(
+        NewInstance(
+            study_uid="1.2.3", series_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path="studies/x/y-1.dcm",
+            data_offset=0, size=0, revision=1, calling_ae="MODALITY",
+        ),
+        received_at=time.time() - 60,
+    )
+
+
 def test_missing_models_fail_the_job_with_the_way_to_get_them(
     tmp_path: Path, synthetic_cohort: SyntheticCohort
 ) -> None:
@@ -104,15 +117,7 @@ def test_missing_models_fail_the_job_with_the_way_to_get_them(
 def test_a_job_of_unknown_kind_fails(tmp_path: Path) -> None:
     config = make_config(tmp_path, tmp_path / "no-models")
     with StateDB(state_db_path(config)) as state:
-        state.record_instance(
-            NewInstance(
-                study_uid="1.2.3", series_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR",
-                transfer_syntax_uid="1.2.840.10008.1.2.1", path="studies/x/y-1.dcm",
-                data_offset=0, size=0, revision=1, calling_ae="MODALITY",
-            ),
-            received_at=time.time() - 60,
-        )
+        record_quiet_instance(state)
         [job_id] = state.create_ready_jobs(1.0, kind="reindex")
         outcome = run_analysis_job(config, state, job_id)
         assert (outcome.status, outcome.error) == ("failed", "unknown job kind 'reindex'")
@@ -207,15 +212,7 @@ def test_an_attempt_lost_after_recording_results_is_finished_without_a_second_se
 def test_a_job_beyond_its_attempt_limit_is_failed_not_run(tmp_path: Path) -> None:
     config = make_config(tmp_path, tmp_path / "no-models")
     with StateDB(state_db_path(config)) as state:
-        state.record_instance(
-            NewInstance(
-                study_uid="1.2.3", series_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR",
-                transfer_syntax_uid="1.2.840.10008.1.2.1", path="studies/x/y-1.dcm",
-                data_offset=0, size=0, revision=1, calling_ae="MODALITY",
-            ),
-            received_at=time.time() - 60,
-        )
+        record_quiet_instance(state)
         [job_id] = state.create_ready_jobs(1.0)
         for _ in range(2):  # two deliveries whose worker was lost
             assert state.claim_job(job_id, "celery:x") is not None
