@@ -71,6 +71,8 @@ ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store)])
 """
 
 console = Console()
+RECEIVE_PROCESSES = os.cpu_count() or 1
+"""node.receive_processes of the node under test (--receive-processes)."""
 BROKER_URL = "redis://127.0.0.1:6379/0"
 """Set in main() to a redis-server the benchmark starts (the node runs as in production with
 workers: the SCP process holds no models)."""
@@ -122,6 +124,7 @@ def start_node(out: Path, port: int, concurrent: bool) -> subprocess.Popen[bytes
         "  data_dir: data\n"
         "  study_stable_seconds: 3600\n"
         "  min_free_disk_mb: 512\n"
+        f"  receive_processes: {RECEIVE_PROCESSES}\n"
         "peers:\n"
         "  bench:\n"
         "    ae_title: BENCH\n"
@@ -308,7 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--bomb-mb", type=int, default=256, help="bytes streamed after the header")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: tmp)")
+    parser.add_argument("--receive-processes", type=int, default=os.cpu_count() or 1,
+                        help="node.receive_processes of the node (default: the CPU count, as "
+                        "storescp --fork uses every core)")
     args = parser.parse_args(argv)
+    global RECEIVE_PROCESSES
+    RECEIVE_PROCESSES = args.receive_processes
+    console.print(f"opmri-node runs with node.receive_processes = {RECEIVE_PROCESSES}")
     # SIGTERM unwinds like Ctrl-C, so that receivers started by the benchmark are stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 

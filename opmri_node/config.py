@@ -135,6 +135,10 @@ class NodeSection(_Section):
     max_pdu_length: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
     """Largest PDU peers may send (advertised in negotiation); a PDU longer than this and
     than 1 MiB aborts the association before it is read."""
+    receive_processes: Annotated[int, Field(ge=1, le=64)] = 1
+    """Processes that serve associations. 1: the node's own process. More: the node listens
+    and hands each connection to the least busy of these processes, so concurrent
+    associations use several CPU cores (set it to the number of cores of a busy node)."""
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
     """Free space to keep on the data volume; below it C-STORE answers 0xA700."""
     timeouts: Timeouts = Field(default_factory=Timeouts)

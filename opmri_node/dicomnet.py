@@ -511,6 +511,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
         self.max_connections = max_connections
         self.on_association_end = on_association_end
         self.on_pdata = on_pdata
+        self.on_connection_closed: Callable[[], None] | None = None
+        """Called once for every connection this server took that has ended."""
         self._connections = 0
         self._connections_lock = threading.Lock()
         kwargs.setdefault("request_handler", NodeRequestHandler)
@@ -541,6 +543,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 self.max_connections,
             )
             self.shutdown_request(request)
+            if self.on_connection_closed is not None:
+                self.on_connection_closed()
             return
         super().process_request(request, client_address)
 
@@ -562,6 +566,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
     def connection_ended(self) -> None:
         with self._connections_lock:
             self._connections = max(0, self._connections - 1)
+        if self.on_connection_closed is not None:
+            self.on_connection_closed()
 
     @property
     def open_connections(self) -> int:

@@ -185,16 +185,22 @@ class ReplayStats:
 class Journal:
     """The segments in ``spool/journal`` and the thread that checkpoints them."""
 
-    def __init__(self, spool: Spool, *, segment_limit: int = SEGMENT_LIMIT) -> None:
+    def __init__(
+        self, spool: Spool, *, segment_limit: int = SEGMENT_LIMIT, owner: str | None = None
+    ) -> None:
         self.spool = spool
         self.folder = spool.root / "journal"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.segment_limit = segment_limit
+        self.owner = owner
+        """Prefix of this journal's segment names (the receiving process, see
+        :mod:`opmri_node.receivers`), so that another process can replay them alone."""
         self.checkpointer = Checkpointer(self)
 
     def open_segment(self) -> Segment:
         """A new segment, its name already durable in the journal folder."""
-        segment = Segment(self.folder / f"{uuid.uuid4().hex}{SEGMENT_SUFFIX}")
+        prefix = "" if self.owner is None else f"{self.owner}-"
+        segment = Segment(self.folder / f"{prefix}{uuid.uuid4().hex}{SEGMENT_SUFFIX}")
         try:
             fsync_dir(self.folder)
         except OSError:
@@ -210,18 +216,25 @@ class Journal:
         segment.retired = True
         self.checkpointer.submit(segment)
 
-    def segments(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
+    def segments(self, owner: str | None = None) -> list[Path]:
+        """Segment files in the folder (of one owner, or all)."""
+        prefix = "" if owner is None else f"{owner}-"
+        return sorted(
+            p for p in self.folder.iterdir()
+            if p.name.endswith(SEGMENT_SUFFIX) and p.name.startswith(prefix)
+        )
 
-    def replay(self) -> ReplayStats:
-        """Restore committed instances of left-over segments into the spool, then delete them."""
+    def replay(self, owner: str | None = None) -> ReplayStats:
+        """Restore committed instances of left-over segments (of one owner, or all) into the
+        spool, then delete them."""
         stats = ReplayStats()
-        for path in self.segments():
+        segments = self.segments(owner)
+        for path in segments:
             stats.segments += 1
             self._replay_segment(path, stats)
         if stats.segments:
             sync_filesystem(self.spool.root)
-            for path in self.segments():
+            for path in segments:
                 path.unlink(missing_ok=True)
             fsync_dir(self.folder)
         return stats

@@ -21,11 +21,13 @@ patient data.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -109,6 +111,8 @@ CANNOT_UNDERSTAND: Final[int] = 0xC000
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE: Final[tuple[int, int, int]] = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE: Final[tuple[int, int, int]] = (0x01, 0x01, 0x07)
+REJECT_LIMIT: Final[tuple[int, int, int]] = (0x02, 0x03, 0x02)
+"""Rejected (transient) by the presentation layer: local limit exceeded."""
 
 _LOCK_STRIPES: Final[int] = 64
 _HEAD_KEEP: Final[int] = 64 * 1024
@@ -247,6 +251,9 @@ class Receiver:
         }
         self._server: NodeAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        self._over_limit: set[int] = set()
+        """Ids of handed-over sockets whose association is to be refused (limit reached)."""
+        self._over_limit_lock = threading.Lock()
         self.ae = self._make_ae()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -267,6 +274,52 @@ class Receiver:
 
     def start(self) -> tuple[str, int]:
         """Start listening; returns the bound (host, port)."""
+        server = self._make_server((self.config.node.bind, self.config.node.port))
+        node = self.config.node
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-listener"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+        host, port = server.server_address[:2]
+        LOGGER.info(
+            "listening as %s on %s:%d (max %d associations)",
+            node.ae_title,
+            host,
+            port,
+            node.max_associations,
+        )
+        return str(host), int(port)
+
+    def start_handoff(self, on_connection_closed: Callable[[], None]) -> None:
+        """Serve connections that another process accepted (:meth:`serve_connection`).
+
+        Used by the receiving processes of :mod:`opmri_node.receivers`: the node's main
+        process listens and hands each connection to one of them. ``on_connection_closed``
+        is called whenever a handed-over connection has ended.
+        """
+        server = self._make_server(("127.0.0.1", 0))
+        if server.socket is not None:
+            server.socket.close()  # connections come from serve_connection only
+        server.on_connection_closed = on_connection_closed
+
+    def serve_connection(
+        self, sock: socket.socket, address: tuple[str, int], *, over_limit: bool = False
+    ) -> None:
+        """Serve one accepted connection in a new thread (after :meth:`start_handoff`).
+
+        ``over_limit``: the node already has ``max_associations`` associations; the
+        association request is rejected (transient, local limit exceeded) with an audit line.
+        """
+        server = self._server
+        if server is None:
+            raise RuntimeError("the receiver is not serving")
+        if over_limit:
+            with self._over_limit_lock:
+                self._over_limit.add(id(sock))
+        server.process_request(sock, address)
+
+    def _make_server(self, address: tuple[str, int]) -> NodeAssociationServer:
         if self._server is not None:
             raise RuntimeError("the listener is already running")
         self._resolve_peer_hosts()
@@ -290,20 +343,7 @@ class Receiver:
         assert isinstance(server, NodeAssociationServer)
         self.ae._servers.append(server)
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-listener"
-        )
-        self._thread.daemon = True
-        self._thread.start()
-        host, port = server.server_address[:2]
-        LOGGER.info(
-            "listening as %s on %s:%d (max %d associations)",
-            node.ae_title,
-            host,
-            port,
-            node.max_associations,
-        )
-        return str(host), int(port)
+        return server
 
     @property
     def address(self) -> tuple[str, int]:
@@ -336,7 +376,12 @@ class Receiver:
         server = self._server
         if server is None:
             return True
-        server.shutdown()
+        if self._thread is not None:
+            server.shutdown()
+        else:  # handed-over connections only: no serve_forever loop to end
+            server.server_close()
+            with contextlib.suppress(ValueError):
+                self.ae._servers.remove(server)
         assocs = list(server.active_associations)
         for assoc in assocs:
             try:
@@ -408,6 +453,14 @@ class Receiver:
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         audit.calling_ae, audit.called_ae = calling, called
+        if self._over_limit:
+            raw = getattr(assoc.dul.socket, "socket", None)
+            with self._over_limit_lock:
+                over = id(raw) in self._over_limit
+                self._over_limit.discard(id(raw))
+            if over:
+                self._reject(assoc, REJECT_LIMIT, "association limit reached")
+                return
         if called != self.config.node.ae_title:
             self._reject(assoc, REJECT_CALLED_AE, "called AE title is not this node's")
             return

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import TYPE_CHECKING
 
 from opmri_node.assembly import JobDispatcher, PendingJobs, StudyAssembler
 from opmri_node.config import NodeConfig
@@ -36,6 +37,9 @@ from opmri_node.monitoring import MonitoringServer, start_monitoring
 from opmri_node.scp import Receiver
 from opmri_node.spool import HeaderError, Spool, fsync_dir, read_stored_header
 from opmri_node.state import NewInstance, StateDB
+
+if TYPE_CHECKING:
+    from opmri_node.receivers import ReceiverPool
 
 LOGGER = logging.getLogger(__name__)
 AUDIT = logging.getLogger("opmri_node.audit")
@@ -103,6 +107,9 @@ class Node:
         self.state: StateDB | None = None
         self.spool: Spool | None = None
         self.receiver: Receiver | None = None
+        """The receiver when associations are served in this process."""
+        self.receivers: ReceiverPool | None = None
+        """The receiving processes when ``node.receive_processes`` is above 1."""
         self.assembler: StudyAssembler | None = None
         self.monitoring: MonitoringServer | None = None
         self._audit_handler: logging.Handler | None = None
@@ -139,8 +146,14 @@ class Node:
             added = reindex_spool(self.state, self.spool)
             if added:
                 LOGGER.warning("indexed %d spool file(s) missing from the state database", added)
-        self.receiver = Receiver(self.config, self.state, self.spool, journal)
-        address = self.receiver.start()
+        if self.config.node.receive_processes > 1:
+            from opmri_node.receivers import ReceiverPool
+
+            self.receivers = ReceiverPool(self.config, self.config.node.receive_processes)
+            address = self.receivers.start()
+        else:
+            self.receiver = Receiver(self.config, self.state, self.spool, journal)
+            address = self.receiver.start()
         self.assembler = StudyAssembler(
             self.state, self.config.node.study_stable_seconds, self.dispatcher
         )
@@ -154,11 +167,15 @@ class Node:
         return address
 
     def _listener_ok(self) -> bool:
+        if self.receivers is not None:
+            return self.receivers.listening
         receiver = self.receiver
         return receiver is not None and receiver.listening
 
     @property
     def address(self) -> tuple[str, int]:
+        if self.receivers is not None:
+            return self.receivers.address
         if self.receiver is None:
             raise RuntimeError("the node is not running")
         return self.receiver.address
@@ -169,6 +186,9 @@ class Node:
         if self.monitoring is not None:
             self.monitoring.close()
             self.monitoring = None
+        if self.receivers is not None:
+            clean = self.receivers.stop()
+            self.receivers = None
         if self.receiver is not None:
             clean = self.receiver.stop()
             self.receiver = None

@@ -92,10 +92,22 @@ class RedisServer:
             self.process = None
 
 
+LIVE: list[OpmriProcess] = []
+"""Every process started here; :func:`stop_all` ends those a failed test left running."""
+
+
+def stop_all() -> None:
+    while LIVE:
+        process = LIVE.pop()
+        if process.process.poll() is None:
+            process.kill()
+
+
 class OpmriProcess:
     """``python -m opmri_node <args>`` with its output in a log file."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
+        LIVE.append(self)
         self.args = args
         self.log_path = log_path
         self._log = log_path.open("ab")

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import _config as pynetdicom_config
 
@@ -52,8 +53,12 @@ def _store_all(port: int, files: list[Path], on_ack: object = None) -> list[int]
     return statuses
 
 
-def test_kill_9_mid_association_then_restart_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "node", stable=1.5)
+@pytest.mark.parametrize("processes", [1, 2], ids=["in-process", "receiving-processes"])
+def test_kill_9_mid_association_then_restart_loses_nothing_acknowledged(
+    tmp_path: Path, processes: int
+) -> None:
+    config = write_config(tmp_path / "node", stable=1.5,
+                          node_extra=f"  receive_processes: {processes}\n")
     series = make_mr_series(tmp_path / "in", 80, size=512)
     serve = ServeProcess(config, log_path=tmp_path / "serve.log")
     killed = threading.Event()

@@ -24,10 +24,17 @@ from tests.queue_fixtures import (
     jobs,
     start_serve,
     start_worker,
+    stop_all,
     wait_until,
 )
 
 pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left() -> Iterator[None]:
+    yield
+    stop_all()
 
 
 def node_yaml(
