@@ -43,6 +43,8 @@ LOGGER = logging.getLogger(__name__)
 
 READY: Final[bytes] = b"R"
 CLOSED: Final[bytes] = b"E"
+ASSOCIATION: Final[bytes] = b"A"
+"""``A<outcome>|<reason>``: an association ended (counted in the node's metrics)."""
 HAND_OVER: Final[bytes] = b"C"
 HAND_OVER_OVER_LIMIT: Final[bytes] = b"L"
 CONFIG_ENV: Final[str] = "OPMRI_RECEIVER_CONFIG"
@@ -239,7 +241,7 @@ class ReceiverPool:
                             return
                         continue
                     try:
-                        message = child.channel.recv(64)
+                        message = child.channel.recv(256)
                     except OSError:
                         message = b""
                     if message == READY:
@@ -247,6 +249,11 @@ class ReceiverPool:
                     elif message == CLOSED:
                         with self._lock:
                             child.connections = max(0, child.connections - 1)
+                    elif message.startswith(ASSOCIATION):
+                        from opmri_node.monitoring import record_association
+
+                        outcome, _, reason = message[1:].decode("utf-8", "replace").partition("|")
+                        record_association(outcome, reason)
                     elif not message:
                         selector.unregister(child.channel)
                         if self._stop.is_set():
@@ -338,6 +345,11 @@ def child_main(channel_fd: int, index: int) -> int:
     state = StateDB(state_db_path(config))
     spool = open_spool(config)
     receiver = Receiver(config, state, spool, Journal(spool, owner=str(os.getpid())))
+    def recorded(outcome: str, reason: str) -> None:
+        with send_lock, contextlib.suppress(OSError):
+            channel.send(ASSOCIATION + f"{outcome}|{reason}".encode()[:200])
+
+    receiver.on_association_recorded = recorded
     receiver.start_handoff(closed)
     with send_lock:
         channel.send(READY)

@@ -254,6 +254,8 @@ class Receiver:
         self._over_limit: set[int] = set()
         """Ids of handed-over sockets whose association is to be refused (limit reached)."""
         self._over_limit_lock = threading.Lock()
+        self.on_association_recorded: Callable[[str, str], None] = record_association
+        """Counts each ended association for the metrics (outcome, reason)."""
         self.ae = self._make_ae()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -831,7 +833,7 @@ class Receiver:
             self.stats.associations += 1
             if outcome == "rejected":
                 self.stats.rejected += 1
-        record_association(outcome, audit.reason)
+        self.on_association_recorded(outcome, audit.reason or "")
         level = logging.WARNING if outcome in ("rejected", "aborted") else logging.INFO
         AUDIT.log(level, audit.line(outcome))
 
