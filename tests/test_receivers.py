@@ -63,8 +63,10 @@ def test_concurrent_associations_spread_over_processes(tmp_path: Path) -> None:
             for s in series:
                 for sop in s.sop_uids:
                     assert state.current_instance(sop) is not None
-        audit = (tmp_path / "node" / "data" / "audit.log").read_text()
-        assert audit.count("outcome=released stored=30 ") == 4
+        audit_log = tmp_path / "node" / "data" / "audit.log"
+        # the audit line follows the release response
+        _wait(lambda: audit_log.read_text().count("outcome=released stored=30 ") == 4, 10,
+              "four audit lines")
     finally:
         assert serve.terminate() == 0
     assert "node stopped" in serve.log()
