@@ -41,6 +41,7 @@ PLAN = DemoPlan(
     validation_fraction=0.34,
     segmenter_patients=6,
     segmenter_validation_patients=2,
+    segmenter_pool=9,
     segmenter=SegmenterTrainConfig(
         input_size=64, steps=6, eval_every=3, batch_size=4, unet=TINY_UNET
     ),

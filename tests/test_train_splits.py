@@ -101,6 +101,22 @@ def test_vertebra_images_follow_their_patient() -> None:
         assert int((validation.patient_ids == pid).sum()) == 3
 
 
+def test_crop_sets_of_patients_join_into_one() -> None:
+    ids, labels = _cohort(n=6)
+    whole = _crops(ids, list(labels))
+    parts = [whole.subset([pid]) for pid in ids]
+    joined = CropSet.concatenate(parts, "T1", whole.spec)
+    assert np.array_equal(joined.images, whole.images)
+    assert np.array_equal(joined.labels, whole.labels)
+    assert joined.patient_ids.tolist() == whole.patient_ids.tolist()
+    assert joined.levels.tolist() == whole.levels.tolist()
+    assert len(CropSet.concatenate([], "T1", whole.spec)) == 0
+    with pytest.raises(ValueError, match="cannot be joined"):
+        CropSet.concatenate(parts, "T2", whole.spec)
+    with pytest.raises(ValueError, match="cannot be joined"):
+        CropSet.concatenate(parts, "T1", PreprocessSpec(input_size=16, context_slices=1))
+
+
 def test_trainer_refuses_a_leaking_split() -> None:
     ids, labels = _cohort(n=12)
     crops = _crops(ids, list(labels))

@@ -138,6 +138,28 @@ class CropSet:
             self.levels[rows],
         )
 
+    @classmethod
+    def concatenate(
+        cls, parts: Sequence[CropSet], sequence: SequenceName, spec: PreprocessSpec
+    ) -> CropSet:
+        """One crop set of the images of ``parts`` (all of ``sequence`` made with ``spec``)."""
+        if any(part.sequence != sequence or part.spec != spec for part in parts):
+            raise ValueError("crop sets of another sequence or preprocessing cannot be joined")
+        if not parts:
+            shape = (0, spec.in_chans, spec.input_size, spec.input_size)
+            return CropSet(
+                sequence, spec, np.zeros(shape, np.float16), np.zeros(0, bool),
+                np.zeros(0, object), np.zeros(0, object),
+            )  # fmt: skip
+        return CropSet(
+            sequence,
+            spec,
+            np.concatenate([part.images for part in parts]),
+            np.concatenate([part.labels for part in parts]),
+            np.concatenate([part.patient_ids for part in parts]),
+            np.concatenate([part.levels for part in parts]),
+        )
+
     def tensor(self, rows: np.ndarray | slice | None = None) -> torch.Tensor:
         """Images (all or ``rows``) as a float32 tensor."""
         picked = self.images if rows is None else self.images[rows]

@@ -617,7 +617,7 @@ def build_demo_command(
 ) -> None:
     """Train demo models on the synthetic cohort (segmenter, T1 and T2 classifiers).
 
-    Deterministic (fixed seed), about ten minutes on a 2-core CPU; manifests say "synthetic,
+    Deterministic (fixed seed), about fourteen minutes on a 2-core CPU; manifests say "synthetic,
     not for clinical use". Skips the build when valid demo models exist, unless --force.
     """
     from train.demo import DemoPlan, build_demo, default_models_dir
