@@ -319,6 +319,11 @@ def child_main(channel_fd: int, index: int) -> int:
     )
     channel = socket.socket(fileno=channel_fd)
     config = NodeConfig.model_validate_json(os.environ[CONFIG_ENV])
+    import pydicom.config
+
+    # Values are stored as received; checking them while reading headers only costs time
+    # (and pydicom's warnings quote the values).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
     from opmri_node.journal import Journal
     from opmri_node.scp import AUDIT, Receiver
