@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from opmri_node.config import RetryPolicy
-from opmri_node.state import connect_database
+from opmri_node.state import SQLiteStore
 
 OUTBOX_SCHEMA_VERSION: Final[int] = 1
 
@@ -125,7 +123,7 @@ class OutboxEntry:
     """Files the peer has acknowledged with success or a warning."""
 
 
-class Outbox:
+class Outbox(SQLiteStore):
     """Thread-safe access to the outbox tables of a state database.
 
     Opens its own connection to the database file (WAL mode, ``synchronous=FULL``), so it can
@@ -137,40 +135,13 @@ class Outbox:
     ) -> None:
         self.db_path = Path(db_path)
         self.results_root = Path(results_root)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        try:
-            self._conn = connect_database(self.db_path, busy_timeout_s, "FULL", _create_schema)
-        except OutboxError:
-            raise
-        except sqlite3.DatabaseError as exc:
-            raise OutboxError(f"{self.db_path}: not a usable state database ({exc})") from None
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
-                self._conn.execute("COMMIT")
-
-    def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._conn.execute(sql, params))
+        super().__init__(
+            self.db_path,
+            busy_timeout_s=busy_timeout_s,
+            synchronous="FULL",
+            create_schema=_create_schema,
+            error=OutboxError,
+        )
 
     # -- recording -------------------------------------------------------------------------
 
@@ -277,31 +248,16 @@ class Outbox:
         limit: int | None = None,
     ) -> list[OutboxEntry]:
         """Outbox rows, newest first, optionally filtered."""
-        clauses: list[str] = []
-        params: list[object] = []
-        if state is not None:
-            clauses.append("o.state = ?")
-            params.append(state)
-        if peer is not None:
-            clauses.append("o.peer = ?")
-            params.append(peer)
-        if study_uid is not None:
-            clauses.append("r.study_uid = ?")
-            params.append(study_uid)
-        sql = _ENTRY_SELECT
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY o.id DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return [_entry(row) for row in self._read(sql, params)]
+        rows = self._select(
+            _ENTRY_SELECT,
+            [("o.state", state), ("o.peer", peer), ("r.study_uid", study_uid)],
+            "o.id DESC",
+            limit,
+        )
+        return [_entry(row) for row in rows]
 
     def counts(self) -> dict[OutboxState, int]:
-        counts: dict[OutboxState, int] = dict.fromkeys(OUTBOX_STATES, 0)
-        for state, count in self._read("SELECT state, COUNT(*) FROM outbox GROUP BY state"):
-            counts[state] = int(count)
-        return counts
+        return cast(dict[OutboxState, int], self._counts("outbox", OUTBOX_STATES))
 
     def result_set(self, result_set_id: int) -> ResultSet | None:
         rows = self._read("SELECT * FROM result_sets WHERE id = ?", (result_set_id,))

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Self, cast
 
 SCHEMA_VERSION: Final[int] = 1
 
@@ -183,32 +183,36 @@ def connect_database(
             raise
 
 
-class StateDB:
-    """Thread-safe access to the state database.
+class SQLiteStore:
+    """A lock-guarded connection to the state database file, shared by a process's threads.
 
-    One connection is shared by the threads of a process and guarded by a lock; other
-    processes (the ``status`` command, Celery workers) open their own connections, and
-    SQLite's locking with a busy timeout orders their writes.
+    Other processes (the ``status`` command, Celery workers, receiving processes) open their
+    own connections; SQLite's locking with a busy timeout orders their writes.
     """
 
     def __init__(
-        self, path: Path, *, busy_timeout_s: float = 30.0, synchronous: str = "NORMAL"
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float,
+        synchronous: str,
+        create_schema: Callable[[sqlite3.Connection], None],
+        error: type[Exception],
     ) -> None:
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError('Argument "synchronous" should be "NORMAL" or "FULL"')
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         try:
-            self._conn = connect_database(self.path, busy_timeout_s, synchronous, _create_schema)
+            self._conn = connect_database(path, busy_timeout_s, synchronous, create_schema)
+        except error:
+            raise
         except sqlite3.DatabaseError as exc:
-            raise StateError(f"{self.path}: not a usable state database ({exc})") from None
+            raise error(f"{path}: not a usable state database ({exc})") from None
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> StateDB:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -229,6 +233,50 @@ class StateDB:
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return list(self._conn.execute(sql, params))
+
+    def _select(
+        self,
+        select: str,
+        filters: Sequence[tuple[str, object | None]],
+        order: str,
+        limit: int | None,
+    ) -> list[sqlite3.Row]:
+        """``select`` with ``column = ?`` for every filter whose value is not ``None``."""
+        clauses = [f"{column} = ?" for column, value in filters if value is not None]
+        params: list[object] = [value for _, value in filters if value is not None]
+        sql = select
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += f" ORDER BY {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self._read(sql, params)
+
+    def _counts(self, table: str, states: Sequence[str]) -> dict[str, int]:
+        """Rows of ``table`` per ``state``, every state of ``states`` present."""
+        counts = dict.fromkeys(states, 0)
+        for state, count in self._read(f"SELECT state, COUNT(*) FROM {table} GROUP BY state"):
+            counts[state] = int(count)
+        return counts
+
+
+class StateDB(SQLiteStore):
+    """Thread-safe access to the state database: instances, studies and jobs."""
+
+    def __init__(
+        self, path: Path, *, busy_timeout_s: float = 30.0, synchronous: str = "NORMAL"
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError('Argument "synchronous" should be "NORMAL" or "FULL"')
+        self.path = Path(path)
+        super().__init__(
+            self.path,
+            busy_timeout_s=busy_timeout_s,
+            synchronous=synchronous,
+            create_schema=_create_schema,
+            error=StateError,
+        )
 
     # -- instances -------------------------------------------------------------------------
 
@@ -406,28 +454,13 @@ class StateDB:
         limit: int | None = None,
     ) -> list[Job]:
         """Jobs, oldest first, optionally filtered by state and study."""
-        clauses: list[str] = []
-        params: list[object] = []
-        if state is not None:
-            clauses.append("j.state = ?")
-            params.append(state)
-        if study_uid is not None:
-            clauses.append("s.study_uid = ?")
-            params.append(study_uid)
-        sql = _JOB_SELECT
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY j.id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return [_job(row) for row in self._read(sql, params)]
+        rows = self._select(
+            _JOB_SELECT, [("j.state", state), ("s.study_uid", study_uid)], "j.id", limit
+        )
+        return [_job(row) for row in rows]
 
     def job_counts(self) -> dict[JobState, int]:
-        counts: dict[JobState, int] = dict.fromkeys(JOB_STATES, 0)
-        for state, count in self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-            counts[state] = int(count)
-        return counts
+        return cast(dict[JobState, int], self._counts("jobs", JOB_STATES))
 
     def claim_job(self, job_id: int, worker: str = "") -> Job | None:
         """Move a job from pending to running; ``None`` if it was not pending.
