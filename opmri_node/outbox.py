@@ -317,12 +317,17 @@ class Outbox(SQLiteStore):
 
     def due(self, now: float | None = None) -> list[int]:
         """Ids of pending rows whose next attempt is due, oldest first."""
+        return list(self.due_attempts(now))
+
+    def due_attempts(self, now: float | None = None) -> dict[int, int]:
+        """Pending rows whose next attempt is due, oldest first: id -> attempts made so far."""
         now = time.time() if now is None else now
         rows = self._read(
-            "SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id",
+            "SELECT id, attempts FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
+            "ORDER BY id",
             (now,),
         )
-        return [int(row[0]) for row in rows]
+        return {int(row[0]): int(row[1]) for row in rows}
 
     def next_due_at(self) -> float | None:
         """When the earliest pending row becomes due (epoch seconds), if any."""

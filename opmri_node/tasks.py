@@ -42,6 +42,7 @@ from celery import Celery, Task
 from opmri_node.config import NodeConfig
 
 if TYPE_CHECKING:
+    from opmri_node.outbox import Outbox
     from opmri_node.state import StateDB
 
 LOGGER = logging.getLogger(__name__)
@@ -287,10 +288,8 @@ class CeleryDispatcher:
             self._sent_jobs[job_id] = time.monotonic()
             LOGGER.info("job %d sent to the %s queue", job_id, ANALYSIS_QUEUE)
 
-    def _scan(self, state: StateDB) -> None:
+    def _scan(self, state: StateDB, outbox: Outbox) -> None:
         """Send what the state database has pending and was not sent recently."""
-        from opmri_node.export import open_outbox
-
         now = time.monotonic()
         interval = self.config.queue.requeue_interval
         pending = [job.id for job in state.jobs(state="pending")]
@@ -313,10 +312,8 @@ class CeleryDispatcher:
                 LOGGER.warning("job %d ran far past queue.visibility_timeout; "
                                "sending it again", job.id)
                 self._send_job(job.id)
-        with open_outbox(self.config, state.path) as outbox:
-            due = {outbox_id: outbox.entry(outbox_id) for outbox_id in outbox.due()}
-        for outbox_id, entry in due.items():
-            attempts = -1 if entry is None else entry.attempts
+        due = outbox.due_attempts()
+        for outbox_id, attempts in due.items():
             last = self._sent_exports.get(outbox_id)
             again = last is None or last[1] != attempts or now - last[0] >= interval
             if again and self._send(EXPORT_TASK, EXPORT_QUEUE, outbox_id):
@@ -324,16 +321,18 @@ class CeleryDispatcher:
         self._sent_exports = {k: v for k, v in self._sent_exports.items() if k in due}
 
     def _run(self) -> None:
+        from opmri_node.export import open_outbox
         from opmri_node.service import state_db_path
         from opmri_node.state import StateDB
 
         state = StateDB(state_db_path(self.config))
+        outbox = open_outbox(self.config, state.path)
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= self._next_scan:
                     try:
-                        self._scan(state)
+                        self._scan(state, outbox)
                     except Exception as exc:
                         LOGGER.error("looking for pending work failed: %s", type(exc).__name__)
                         LOGGER.debug("pending-work scan failed", exc_info=exc)
@@ -347,4 +346,5 @@ class CeleryDispatcher:
                 if job_id is not None and job_id not in self._sent_jobs:
                     self._send_job(job_id)
         finally:
+            outbox.close()
             state.close()
