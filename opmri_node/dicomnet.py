@@ -505,8 +505,12 @@ class NodeAssociationServer(ThreadedAssociationServer):
         max_connections: int,
         on_association_end: Callable[[Association], None] | None = None,
         on_pdata: Callable[[Association], None] | None = None,
+        listen: bool = True,
         **kwargs: Any,
     ) -> None:
+        self.listen = listen
+        """False: the server neither binds nor listens; it serves connections accepted
+        elsewhere (:meth:`process_request`)."""
         self.max_pdu_length = max_pdu_length
         self.max_connections = max_connections
         self.on_association_end = on_association_end
@@ -521,6 +525,14 @@ class NodeAssociationServer(ThreadedAssociationServer):
     def _bind_defaults(self) -> None:
         for event in evt._INTERVENTION_EVENTS:
             self.bind(event, evt.get_default_handler(event))
+
+    def server_bind(self) -> None:
+        if self.listen:
+            super().server_bind()
+
+    def server_activate(self) -> None:
+        if self.listen:
+            super().server_activate()
 
     def copy_contexts(self) -> list[Any]:
         """The supported presentation contexts for one association.

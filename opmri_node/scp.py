@@ -72,6 +72,7 @@ from opmri_node.spool import (
     SpoolFullError,
     encode_file_meta,
     is_valid_uid,
+    raw_text,
     read_header,
 )
 from opmri_node.state import InstanceRecord, NewInstance, StateDB
@@ -116,6 +117,8 @@ REJECT_LIMIT: Final[tuple[int, int, int]] = (0x02, 0x03, 0x02)
 
 _LOCK_STRIPES: Final[int] = 64
 _HEAD_KEEP: Final[int] = 64 * 1024
+_AFFECTED_SOP_CLASS: Final[int] = 0x00000002
+_AFFECTED_SOP_INSTANCE: Final[int] = 0x00001000
 """The first bytes of a streamed data set kept in memory, to read its header from."""
 
 VERIFICATION: Final[str] = "1.2.840.10008.1.1"
@@ -211,6 +214,8 @@ class _StoreStream:
     head: bytearray = field(default_factory=bytearray)
     """The first streamed bytes (up to :data:`_HEAD_KEEP`), for reading the header."""
     lost: bool = False
+    message: Any = None
+    """The DIMSE message whose P-DATA were last written (identifies the stream cheaply)."""
 
     def discard(self) -> None:
         if self.file is not None:
@@ -300,7 +305,7 @@ class Receiver:
         process listens and hands each connection to one of them. ``on_connection_closed``
         is called whenever a handed-over connection has ended.
         """
-        server = self._make_server(("127.0.0.1", 0))
+        server = self._make_server(("127.0.0.1", 0), listen=False)
         if server.socket is not None:
             server.socket.close()  # connections come from serve_connection only
         server.on_connection_closed = on_connection_closed
@@ -321,7 +326,9 @@ class Receiver:
                 self._over_limit.add(id(sock))
         server.process_request(sock, address)
 
-    def _make_server(self, address: tuple[str, int]) -> NodeAssociationServer:
+    def _make_server(
+        self, address: tuple[str, int], *, listen: bool = True
+    ) -> NodeAssociationServer:
         if self._server is not None:
             raise RuntimeError("the listener is already running")
         self._resolve_peer_hosts()
@@ -333,7 +340,7 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
         ]
         server = self.ae.make_server(
-            (node.bind, node.port),
+            address,
             contexts=storage_contexts(),
             evt_handlers=handlers,
             server_class=NodeAssociationServer,
@@ -341,6 +348,7 @@ class Receiver:
             max_connections=2 * node.max_associations + 4,
             on_association_end=self._on_end,
             on_pdata=self._on_pdata,
+            listen=listen,
         )
         assert isinstance(server, NodeAssociationServer)
         self.ae._servers.append(server)
@@ -516,15 +524,18 @@ class Receiver:
         message = assoc.dimse.message
         if not isinstance(message, C_STORE_RQ) or message.data_set is None:
             return
-        message_id = int(message.command_set.MessageID)
         key = id(assoc)
         with self._streams_lock:
             stream = self._streams.get(key)
-            if stream is None or stream.message_id != message_id:
-                if stream is not None:
+            if stream is None or stream.message is not message:
+                message_id = int(message.command_set.MessageID)
+                if stream is not None and stream.message_id != message_id:
                     stream.discard()
-                stream = self._open_stream(assoc, message, message_id)
-                self._streams[key] = stream
+                    stream = None
+                if stream is None:
+                    stream = self._open_stream(assoc, message, message_id)
+                    self._streams[key] = stream
+                stream.message = message
         incoming = stream.file
         if incoming is None:
             return
@@ -550,8 +561,9 @@ class Receiver:
 
     def _open_stream(self, assoc: Association, message: Any, message_id: int) -> _StoreStream:
         command = message.command_set
-        sop_class = str(command.AffectedSOPClassUID or "").strip("\x00 ")
-        sop_instance = str(command.AffectedSOPInstanceUID or "").strip("\x00 ")
+        # the raw values: pydicom's conversion would validate them (and may log them)
+        sop_class = _command_text(command, _AFFECTED_SOP_CLASS)
+        sop_instance = _command_text(command, _AFFECTED_SOP_INSTANCE)
         context = assoc._accepted_cx.get(message.context_id)
         transfer_syntax = str(context.transfer_syntax[0]) if context is not None else ""
         stream = _StoreStream(message_id, sop_class, sop_instance, transfer_syntax, 0, None)
@@ -796,7 +808,7 @@ class Receiver:
         return SUCCESS
 
     def _same(
-        self, existing: InstanceRecord, transfer_syntax: str, path: Path, offset: int
+        self, existing: InstanceRecord, transfer_syntax: str, path: str, offset: int
     ) -> bool:
         """True if the stored current revision holds exactly the data set in ``path``."""
         return existing.transfer_syntax_uid == transfer_syntax and self.spool.same_file_data(
@@ -836,6 +848,12 @@ class Receiver:
         self.on_association_recorded(outcome, audit.reason or "")
         level = logging.WARNING if outcome in ("rejected", "aborted") else logging.INFO
         AUDIT.log(level, audit.line(outcome))
+
+
+def _command_text(command: Dataset, tag: int) -> str:
+    """A command element's text as received, without pydicom's conversion."""
+    element = command.get_item(tag)
+    return raw_text(getattr(element, "value", None))
 
 
 def _reject_reason(assoc: Association) -> str:

@@ -19,6 +19,7 @@ with :meth:`Spool.place`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -26,6 +27,7 @@ import os
 import re
 import struct
 import sys
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -34,13 +36,15 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO, Final, Protocol
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from opmri_node.state import study_key
+
+FREE_SPACE_TTL_S: Final[float] = 0.1
+FREE_SPACE_SLACK: Final[int] = 256 * 1024 * 1024
 
 PREAMBLE: Final[bytes] = b"\x00" * 128 + b"DICM"
 
@@ -144,25 +148,31 @@ def _parse_header(
         reached_end = int(tag) > _LAST_HEADER_TAG
         return reached_end
 
+    found: dict[int, object] = {}
     try:
-        ds = read_dataset(
+        # pydicom's element reader, without building a Dataset: only the header elements are
+        # read, every other value is skipped
+        for element in data_element_generator(
             BytesIO(raw),
-            is_implicit_VR=ts.is_implicit_VR,
-            is_little_endian=ts.is_little_endian,
+            ts.is_implicit_VR,
+            ts.is_little_endian,
             stop_when=after_header,
             specific_tags=_HEADER_TAGS,
-        )
-        values = {
-            "sop_class_uid": _text(ds, _SOP_CLASS),
-            "sop_instance_uid": _text(ds, _SOP_INSTANCE),
-            "study_uid": _text(ds, _STUDY),
-            "series_uid": _text(ds, _SERIES),
-        }
-        modality = _text(ds, _MODALITY)
+        ):
+            found[int(element.tag)] = element.value
+    except EOFError:
+        pass  # the data ends inside an element; those before it are whole
     except (RecursionError, MemoryError):
         raise HeaderError("the data set header is nested too deeply or too large") from None
     except Exception:
         raise HeaderError("the data set header cannot be parsed") from None
+    values = {
+        "sop_class_uid": raw_text(found.get(int(_SOP_CLASS))),
+        "sop_instance_uid": raw_text(found.get(int(_SOP_INSTANCE))),
+        "study_uid": raw_text(found.get(int(_STUDY))),
+        "series_uid": raw_text(found.get(int(_SERIES))),
+    }
+    modality = raw_text(found.get(int(_MODALITY)))
     if complete_only and not reached_end:
         raise HeaderError("the header does not end within the prefix")
     names = {
@@ -179,16 +189,12 @@ def _parse_header(
     return InstanceHeader(modality=modality[:16], **values)
 
 
-def _text(ds: Dataset, tag: BaseTag) -> str:
-    """The element's raw text, without pydicom's value conversion.
+def raw_text(value: object) -> str:
+    """An element's raw text, without pydicom's value conversion.
 
     Converting would validate the value and log a warning that quotes it; received values must
     not reach the log, and the callers validate what they need themselves.
     """
-    if tag not in ds:
-        return ""
-    element = ds.get_item(tag)
-    value = getattr(element, "value", None)
     if value is None:
         return ""
     if isinstance(value, bytes):
@@ -250,12 +256,17 @@ class IncomingFile:
     written there (the receive journal, which then makes the file durable instead of an fsync).
     """
 
-    def __init__(self, path: Path, mirror: Mirror | None = None) -> None:
-        self.path = path
+    def __init__(self, path: str | Path, mirror: Mirror | None = None) -> None:
+        self.name = os.fspath(path)
+        """The file's path as a string."""
         self.size = 0
         self._flushed = 0
         self.mirror = mirror
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._fd: int | None = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name)
 
     def write(self, data: bytes | memoryview) -> None:
         if self._fd is None:
@@ -284,13 +295,13 @@ class IncomingFile:
             os.close(fd)
         return self.path
 
-    def close(self) -> Path:
+    def close(self) -> str:
         """Close without flushing (the mirror makes the bytes durable); returns the path."""
         if self._fd is None:
             raise ValueError("the incoming file is already closed")
         fd, self._fd = self._fd, None
         os.close(fd)
-        return self.path
+        return self.name
 
     def discard(self) -> None:
         """Close (if open) and delete the file; an uncommitted mirror record is abandoned."""
@@ -299,7 +310,8 @@ class IncomingFile:
             os.close(fd)
         if self.mirror is not None:
             self.mirror.end()
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name)
 
 
 def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
@@ -350,6 +362,10 @@ class Spool:
         self.incoming = self.root / "incoming"
         self.studies = self.root / "studies"
         self.min_free_bytes = min_free_bytes
+        self._root_name = os.fspath(self.root)
+        self._incoming_name = os.fspath(self.incoming)
+        self._free: tuple[float, int] | None = None
+        """When free space was last measured, and what it was (see :meth:`check_room`)."""
         for folder in (self.root, self.incoming, self.studies):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -367,8 +383,23 @@ class Spool:
         return stat.f_bavail * stat.f_frsize
 
     def check_room(self, size: int) -> None:
-        """Raise :class:`SpoolFullError` if writing ``size`` bytes would eat into the reserve."""
-        if self.free_bytes() - size < self.min_free_bytes:
+        """Raise :class:`SpoolFullError` if writing ``size`` bytes would eat into the reserve.
+
+        Free space is measured again unless a measurement of the last
+        :data:`FREE_SPACE_TTL_S` left more than :data:`FREE_SPACE_SLACK` beyond the reserve
+        and ``size`` (more than the listener writes in that time).
+        """
+        now = time.monotonic()
+        last = self._free
+        if (
+            last is not None
+            and now - last[0] < FREE_SPACE_TTL_S
+            and last[1] - size - self.min_free_bytes > FREE_SPACE_SLACK
+        ):
+            return
+        free = self.free_bytes()
+        self._free = (now, free)
+        if free - size < self.min_free_bytes:
             raise SpoolFullError("free disk space is below the configured reserve")
 
     @staticmethod
@@ -385,7 +416,7 @@ class Spool:
         """Start a new file in ``incoming/`` (refused if the free-space reserve is reached)."""
         if check_room:
             self.check_room(0)
-        return IncomingFile(self.incoming / f"{uuid.uuid4().hex}.part", mirror)
+        return IncomingFile(f"{self._incoming_name}/{uuid.uuid4().hex}.part", mirror)
 
     def write_incoming(self, parts: Sequence[bytes | memoryview]) -> Path:
         """Write ``parts`` to a new file in ``incoming/`` and fsync it; returns its path."""
@@ -409,19 +440,19 @@ class Spool:
         os.rename(tmp, target)
         fsync_dir(folder)
 
-    def place(self, tmp: Path, relative: str) -> None:
+    def place(self, tmp: str | Path, relative: str) -> None:
         """Move an incoming file to its place without flushing anything.
 
         Only for files whose bytes and path a flushed receive journal record already holds
         (:mod:`opmri_node.journal`); the journal's checkpoint makes the move durable.
         """
-        target = self.root / relative
+        target = f"{self._root_name}/{relative}"
         try:
             os.rename(tmp, target)
         except FileNotFoundError:
-            if not tmp.exists():
+            if not os.path.exists(tmp):
                 raise
-            target.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
             os.rename(tmp, target)
 
     def discard(self, tmp: Path) -> None:
@@ -462,15 +493,15 @@ class Spool:
         return True
 
     def same_file_data(
-        self, relative: str, data_offset: int, other: Path, other_offset: int
+        self, relative: str, data_offset: int, other: str | Path, other_offset: int
     ) -> bool:
         """True if the data set stored at ``relative`` equals the one in file ``other``."""
         path = self.root / relative
         try:
             size = path.stat().st_size - data_offset
-            if size != other.stat().st_size - other_offset:
+            if size != os.stat(other).st_size - other_offset:
                 return False
-            with path.open("rb") as mine, other.open("rb") as theirs:
+            with path.open("rb") as mine, open(other, "rb") as theirs:
                 mine.seek(data_offset)
                 theirs.seek(other_offset)
                 while True:

@@ -126,3 +126,30 @@ def test_a_receiving_process_that_dies_is_replaced_and_loses_nothing(tmp_path: P
     finally:
         code = serve.terminate()
     assert code == 0
+
+
+def test_receiving_process_binds_no_port(tmp_path: Path) -> None:
+    """A receiving process serves handed-over connections only: it must not bind or listen
+    (the node's port is taken by the node's own listener)."""
+    import socket
+
+    from opmri_node.journal import Journal
+    from opmri_node.scp import Receiver
+    from opmri_node.spool import Spool
+    from tests.node_fixtures import load
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        config = load(write_config(tmp_path / "node", port=port))
+        spool = Spool(config.node.data_dir / "spool")
+        state = StateDB(config.node.data_dir / "state.sqlite3")
+        receiver = Receiver(config, state, spool, Journal(spool, owner="test"))
+        try:
+            receiver.start_handoff(lambda: None)
+            assert not receiver.listening
+            assert listener.getsockname()[1] == port
+        finally:
+            receiver.stop()
+            state.close()
