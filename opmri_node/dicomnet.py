@@ -16,6 +16,8 @@ classes. The classes here change what happens around them:
   threads, each of which costs a scheduler wake-up (several milliseconds on a busy machine).
 * :attr:`NodeAssociation.on_pdata` lets the listener take each P-DATA's share of a data set
   out of memory while the message is still arriving.
+* A complete C-STORE request becomes its primitive without pydicom's conversion of each
+  command element (:func:`c_store_rq_primitive`; anything unusual takes pynetdicom's path).
 * C-STORE responses are encoded directly (:func:`encode_c_store_rsp`), a fixed group of
   seven elements, instead of through a pydicom Dataset.
 * :class:`NodeAssociationServer` sets ``TCP_NODELAY`` on every accepted connection, closes
@@ -30,6 +32,7 @@ pynetdicom below 3.1 accordingly and the test suite exercises them through real 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import select
@@ -44,6 +47,7 @@ from typing import Any, Final, cast
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -274,9 +278,17 @@ class NodeAssociation(Association):
         self.dul = NodeDUL(self)
         self.dul.artim_timer.timeout = self.acse_timeout
         self.dul._idle_timer.timeout = self.network_timeout
-        receive = self.dimse.receive_primitive
+        dimse = self.dimse
+        receive = dimse.receive_primitive
 
         def receive_primitive(primitive: Any) -> None:
+            if dimse.message is None:
+                message = DIMSEMessage()
+                # an instance attribute: it stays when decoding sets the message's class
+                message.message_to_primitive = functools.partial(  # type: ignore[method-assign]
+                    _message_to_primitive, message
+                )
+                dimse.message = message
             receive(primitive)
             hook = self.on_pdata
             if hook is not None:
@@ -410,6 +422,82 @@ class NodeAssociation(Association):
                 self.abort()
                 self.kill()
                 return
+
+
+_C_STORE_RQ_TAGS: Final[frozenset[int]] = frozenset(
+    (0x00000000, 0x00000002, 0x00000100, 0x00000110, 0x00000700, 0x00000800, 0x00001000)
+)
+"""Command elements of a plain C-STORE-RQ (no C-MOVE originator)."""
+
+
+def _message_to_primitive(message: DIMSEMessage) -> Any:
+    """The DIMSE primitive of a complete message; C-STORE requests without pydicom.
+
+    pynetdicom converts every command element through pydicom (value conversion and
+    validation of each element, once per received instance). A plain C-STORE-RQ has seven
+    elements of known form, read here from the raw command set; anything else, or any value
+    out of the ordinary, takes pynetdicom's own conversion.
+    """
+    primitive = c_store_rq_primitive(message)
+    if primitive is not None:
+        return primitive
+    return type(message).message_to_primitive(message)
+
+
+def c_store_rq_primitive(message: DIMSEMessage) -> C_STORE | None:
+    """The C-STORE primitive of a complete C-STORE-RQ message, or ``None`` (see above)."""
+    if not isinstance(message, C_STORE_RQ):
+        return None
+    command = message.command_set
+    tags = {int(tag) for tag in command.keys()}  # noqa: SIM118 (iterating converts values)
+    if tags != _C_STORE_RQ_TAGS:
+        return None
+    message_id = _us_value(command.get_item(0x00000110))
+    priority = _us_value(command.get_item(0x00000700))
+    if message_id is None or priority not in (0, 1, 2):
+        return None
+    sop_class = _ui_value(command.get_item(0x00000002))
+    sop_instance = _ui_value(command.get_item(0x00001000))
+    if not (_is_uid(sop_class) and _is_uid(sop_instance)):
+        return None
+    primitive = C_STORE()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive.Priority = priority
+    primitive.DataSet = message.data_set
+    primitive._context_id = message.context_id
+    primitive._dataset_path = message._data_set_path
+    primitive._dataset_file = message._data_set_file
+    return primitive
+
+
+def _us_value(element: Any) -> int | None:
+    """An unsigned short command value, raw (2 bytes) or already converted by pynetdicom."""
+    value = getattr(element, "value", None)
+    if isinstance(value, bytes):
+        return int.from_bytes(value, "little") if len(value) == 2 else None
+    return value if isinstance(value, int) and 0 <= value <= 0xFFFF else None
+
+
+def _ui_value(element: Any) -> str:
+    value = getattr(element, "value", None)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return value.strip("\x00 ") if isinstance(value, str) else ""
+
+
+_UID_CHARS: Final[frozenset[str]] = frozenset("0123456789.")
+
+
+def _is_uid(value: str) -> bool:
+    return (
+        0 < len(value) <= 64
+        and set(value) <= _UID_CHARS
+        and not value.startswith(".")
+        and not value.endswith(".")
+        and ".." not in value
+    )
 
 
 def _implicit(element: int, value: bytes) -> bytes:

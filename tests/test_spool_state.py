@@ -7,6 +7,7 @@ import threading
 import zlib
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -20,12 +21,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
 from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from opmri_node.dicomnet import encode_c_store_rsp
+from opmri_node.dicomnet import c_store_rq_primitive, encode_c_store_rsp
 from opmri_node.service import reindex_spool
 from opmri_node.spool import (
     HEADER_INFLATE_LIMIT,
@@ -460,3 +461,56 @@ def test_reindex_adds_files_the_database_lacks(tmp_path: Path, state: StateDB) -
     assert reindex_spool(state, spool) == 2
     assert reindex_spool(state, spool) == 0
     assert {i.sop_instance_uid for i in state.instances(series.study_uid)} == set(series.sop_uids)
+
+
+# -- C-STORE request decoding -------------------------------------------------------------------
+
+
+def _received(request: C_STORE) -> Any:
+    """A C-STORE-RQ as the SCP's DIMSE layer holds it once all its P-DATA arrived."""
+    sent = C_STORE_RQ()
+    sent.primitive_to_message(request)
+    received = DIMSEMessage()
+    complete = False
+    for pdata in sent.encode_msg(1, 16384):
+        complete = received.decode_msg(pdata)
+    assert complete
+    return received
+
+
+@pytest.mark.parametrize("converted", [False, True])
+@pytest.mark.parametrize("priority", [0, 1, 2])
+def test_c_store_request_fast_path_matches_pynetdicom(priority: int, converted: bool) -> None:
+    request = C_STORE()
+    request.MessageID = 4242
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    request.Priority = priority
+    request.DataSet = BytesIO(b"\x08\x00\x18\x00\x04\x00\x00\x00" + b"1.23")
+    message = _received(request)
+    if converted:  # pynetdicom may have read (and converted) some elements already
+        for keyword in ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            getattr(message.command_set, keyword)
+    ours = c_store_rq_primitive(message)
+    theirs = _received(request).message_to_primitive()
+    assert ours is not None
+    for name in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                 "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours._context_id == theirs._context_id == 1
+    assert ours.DataSet.getvalue() == theirs.DataSet.getvalue()
+
+
+def test_c_store_request_fast_path_leaves_the_unusual_to_pynetdicom() -> None:
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    request.AffectedSOPInstanceUID = "1.2.3.4"
+    request.MoveOriginatorApplicationEntityTitle = "MOVER"
+    request.MoveOriginatorMessageID = 3
+    assert c_store_rq_primitive(_received(request)) is None
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    request.AffectedSOPInstanceUID = "1.2..4"  # not a valid UID: pynetdicom decides
+    assert c_store_rq_primitive(_received(request)) is None
