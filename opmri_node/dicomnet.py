@@ -58,6 +58,8 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
+from opmri_node.spool import is_valid_uid, raw_text
+
 LOGGER = logging.getLogger(__name__)
 
 ASSOCIATE_PDU_LIMIT: Final[int] = 1024 * 1024
@@ -456,9 +458,9 @@ def c_store_rq_primitive(message: DIMSEMessage) -> C_STORE | None:
     priority = _us_value(command.get_item(0x00000700))
     if message_id is None or priority not in (0, 1, 2):
         return None
-    sop_class = _ui_value(command.get_item(0x00000002))
-    sop_instance = _ui_value(command.get_item(0x00001000))
-    if not (_is_uid(sop_class) and _is_uid(sop_instance)):
+    sop_class = raw_text(getattr(command.get_item(0x00000002), "value", None))
+    sop_instance = raw_text(getattr(command.get_item(0x00001000), "value", None))
+    if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
         return None
     primitive = C_STORE()
     primitive.MessageID = message_id
@@ -478,26 +480,6 @@ def _us_value(element: Any) -> int | None:
     if isinstance(value, bytes):
         return int.from_bytes(value, "little") if len(value) == 2 else None
     return value if isinstance(value, int) and 0 <= value <= 0xFFFF else None
-
-
-def _ui_value(element: Any) -> str:
-    value = getattr(element, "value", None)
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return value.strip("\x00 ") if isinstance(value, str) else ""
-
-
-_UID_CHARS: Final[frozenset[str]] = frozenset("0123456789.")
-
-
-def _is_uid(value: str) -> bool:
-    return (
-        0 < len(value) <= 64
-        and set(value) <= _UID_CHARS
-        and not value.startswith(".")
-        and not value.endswith(".")
-        and ".." not in value
-    )
 
 
 def _implicit(element: int, value: bytes) -> bytes:

@@ -117,9 +117,9 @@ REJECT_LIMIT: Final[tuple[int, int, int]] = (0x02, 0x03, 0x02)
 
 _LOCK_STRIPES: Final[int] = 64
 _HEAD_KEEP: Final[int] = 64 * 1024
+"""The first bytes of a streamed data set kept in memory, to read its header from."""
 _AFFECTED_SOP_CLASS: Final[int] = 0x00000002
 _AFFECTED_SOP_INSTANCE: Final[int] = 0x00001000
-"""The first bytes of a streamed data set kept in memory, to read its header from."""
 
 VERIFICATION: Final[str] = "1.2.840.10008.1.1"
 """Verification SOP Class UID."""
