@@ -8,8 +8,8 @@ write new files) and is fed by dcmtk ``storescu`` with ``TCP_NODELAY=1``:
                   it does not fsync;
 * ``opmri-node``  ``python -m opmri_node serve`` with a Redis broker (started by the
                   benchmark), as it runs beside Celery workers: the listening process holds no
-                  models; a journal record flushed with fdatasync and a committed state
-                  database row before every 0x0000;
+                  models; the instance's file and a journal commit flushed with fdatasync
+                  and a committed state database row before every 0x0000;
 * ``pynetdicom``  a plain pynetdicom 3 handler that decodes the data set and calls ``save_as``
                   (what a first implementation usually looks like);
 * ``storescp+sync`` storescp again, timed until ``sync`` has put its files on disk.
@@ -19,7 +19,8 @@ allocator skips inodes freed in the last minutes, one by one, so each file creat
 a mass deletion costs up to a millisecond of CPU; deleting each run's output before the next
 run would charge that to whichever receiver comes next instead of to the receiver.
 
-The disk ceiling (files of the same size, each written and fdatasynced) is measured in every
+The disk ceiling (files of the same size, each written, fdatasynced and dropped from the page
+cache as the node does) is measured in every
 round as well: on a disk whose sustained synchronous bandwidth is low, it, not the receiver,
 bounds the durable rate. ``--workdir /dev/shm`` runs everything on tmpfs, which shows what the
 receivers cost in CPU alone.
@@ -258,7 +259,8 @@ def run_once(
 
 
 def disk_ceiling(work: Path, count: int, size: int) -> float:
-    """Files per second the disk takes when each one is written and fdatasynced."""
+    """Files per second the disk takes when each one is written and fdatasynced (and, like the
+    node does, its pages are then dropped from the page cache)."""
     folder = Path(tempfile.mkdtemp(prefix="ceiling-", dir=work))
     data = os.urandom(size)
     os.sync()
@@ -268,6 +270,7 @@ def disk_ceiling(work: Path, count: int, size: int) -> float:
         try:
             os.write(fd, data)
             os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
     return count / (time.perf_counter() - started)
@@ -392,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(table)
     console.print(
         "storescp writes to the page cache only; storescp+sync counts until `sync` returns; "
-        "disk ceiling: files of this size written and fdatasynced one after the other, "
+        "disk ceiling: files of this size written, fdatasynced and dropped from the page "
+        "cache one after the other, "
         "which bounds any receiver that makes each instance durable before answering."
     )
 

@@ -1,32 +1,37 @@
-"""The receive journal: one flush makes a received instance durable.
+"""The receive journal: an instance is durable after two short flushes, its bytes written once.
 
-Writing a file durably under its final name takes two flushes (fsync the file, rename it, fsync
-the folder). The listener instead appends every instance it receives to a *journal segment*
-(``spool/journal/<uuid>.seg``, one per association at a time) while it arrives, and when the
-instance is accepted appends a commit frame naming its spool path and flushes the segment once
-with ``fdatasync``. Only then is the spool file, written alongside without any flush, renamed
-into its study folder, recorded in the state database and acknowledged. So:
+Writing a file durably under its final name takes a flush of the file and one of its folder
+after the rename. The listener instead writes each instance, while it arrives, into an empty
+file taken from an :class:`~opmri_node.spool.IncomingPool` (its name in ``spool/incoming`` is
+durable already) and, once the instance is accepted:
 
-* an acknowledged instance is in a flushed segment (its bytes and its spool path, with a
-  CRC-32 of both), whatever happens afterwards to the unflushed spool file;
-* a file in ``spool/studies`` is either flushed (see below) or covered by a committed record
-  of a segment that still exists, because the rename happens after the segment's flush.
+1. flushes the file (``fdatasync``: its bytes and size);
+2. appends a *commit frame* to the association's journal segment
+   (``spool/journal/<uuid>.seg``) naming the incoming file, the spool path it goes to, its size
+   and CRC-32, and flushes the segment (``fdatasync``);
+3. renames the file into its study folder, unflushed, records it in the state database and
+   acknowledges it.
 
-A segment is *retired* when its association ends or it grows past a size limit. The
-:class:`Checkpointer` thread then flushes the file system holding the spool (``syncfs``, one
-flush for all the segment's files and folders) and deletes the segment. At start-up,
-:meth:`Journal.replay` rewrites from any segment left over (a crash, ``kill -9`` or power
-failure before its checkpoint) every committed instance whose spool file is missing or differs,
-then deletes the segment; records without a valid commit (never acknowledged) are ignored. The
-spool stays the source of truth: after replay it holds every acknowledged instance, and the
-state database is re-indexed from it.
+So an acknowledged instance is, whatever happens afterwards, in a flushed file named by a
+flushed commit frame: at its spool path or, if the rename did not reach the disk, still in
+``incoming/``.
 
-Segment format: frames of a 20-byte header (``OPJ1``, kind, 3 zero bytes, record id as uint32,
-payload length as uint64, little endian) and a payload. A record is ``BEGIN``, any number of
-``DATA`` frames (the spool file's bytes in order) and ``COMMIT`` (file size uint64, CRC-32 of
-the file uint32, CRC-32 of the commit payload's other fields uint32, spool path in UTF-8).
-Records of one segment may interleave. Replay stops at the first frame that is incomplete or
-malformed (the unflushed tail of a segment).
+A segment is *retired* when its association ends or the instances it commits pass a size
+limit. The :class:`Checkpointer` thread then flushes the file system holding the spool
+(``syncfs``, one flush for all the renames and folders) and deletes the segment. At start-up,
+:meth:`Journal.replay` moves back into place every committed instance of a segment left over (a
+crash, ``kill -9`` or power failure before its checkpoint) that is not at its spool path, then
+deletes the segment; incoming files without a commit (never acknowledged) are removed
+afterwards. The spool stays the source of truth: after replay it holds every acknowledged
+instance, and the state database is re-indexed from it.
+
+Segment format: frames of a 20-byte header (``OPJ2``, kind, 3 zero bytes, record number as
+uint32, payload length as uint64, little endian) and a payload. The only kind is ``COMMIT``:
+file size uint64, CRC-32 of the file uint32, CRC-32 of the payload's other fields uint32,
+length of the incoming file's name uint16, that name and the spool path, both UTF-8. Replay
+stops at the first frame that is incomplete or malformed (the unflushed tail of a segment).
+Segments of the first format (``OPJ1``, which carried the instances' bytes as well) are still
+replayed.
 """
 
 from __future__ import annotations
@@ -42,24 +47,26 @@ import sys
 import threading
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from opmri_node.spool import Spool, fsync_dir, is_spool_path
+from opmri_node.spool import IncomingFile, IncomingPool, Spool, fsync_dir, is_spool_path
 
 LOGGER = logging.getLogger(__name__)
 
-MAGIC: Final[bytes] = b"OPJ1"
+MAGIC: Final[bytes] = b"OPJ2"
+MAGIC_V1: Final[bytes] = b"OPJ1"
 _FRAME: Final[struct.Struct] = struct.Struct("<4sB3xIQ")
-_COMMIT: Final[struct.Struct] = struct.Struct("<QII")
+_COMMIT: Final[struct.Struct] = struct.Struct("<QIIH")
+_COMMIT_V1: Final[struct.Struct] = struct.Struct("<QII")
 BEGIN: Final[int] = 1
 DATA: Final[int] = 2
 COMMIT: Final[int] = 3
 SEGMENT_SUFFIX: Final[str] = ".seg"
 SEGMENT_LIMIT: Final[int] = 256 * 1024 * 1024
-"""A segment is retired (and a new one started) once it holds this many bytes."""
+"""A segment is retired (and a new one started) once it commits instances of this many bytes."""
 _MAX_PATH: Final[int] = 4096
 
 
@@ -67,8 +74,64 @@ class JournalError(OSError):
     """The journal cannot be written."""
 
 
+def encode_commit(record: int, incoming_name: str, relative: str, size: int, crc: int) -> bytes:
+    """A commit frame: the instance in ``incoming/<incoming_name>`` goes to ``relative``."""
+    name = incoming_name.encode("utf-8")
+    names = name + relative.encode("utf-8")
+    check = zlib.crc32(struct.pack("<QIH", size, crc, len(name)) + names)
+    payload = _COMMIT.pack(size, crc, check, len(name)) + names
+    return _FRAME.pack(MAGIC, COMMIT, record, len(payload)) + payload
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A commit frame read back from a segment."""
+
+    incoming_name: str
+    relative: str
+    size: int
+    crc: int
+
+
+def read_commits(path: Path) -> Iterator[Commit]:
+    """The commit frames of a segment (of the current format) up to its first bad frame."""
+    with path.open("rb") as fh:
+        while True:
+            head = fh.read(_FRAME.size)
+            if len(head) < _FRAME.size:
+                return
+            magic, kind, _record, length = _FRAME.unpack(head)
+            if magic != MAGIC or kind != COMMIT or not _COMMIT.size <= length <= (
+                _COMMIT.size + 2 * _MAX_PATH
+            ):
+                return
+            payload = fh.read(length)
+            if len(payload) < length:
+                return
+            size, crc, check, name_length = _COMMIT.unpack_from(payload)
+            names = payload[_COMMIT.size :]
+            fields = struct.pack("<QIH", size, crc, name_length)
+            if zlib.crc32(fields + names) != check or name_length > len(names):
+                return
+            yield Commit(
+                names[:name_length].decode("utf-8", "replace"),
+                names[name_length:].decode("utf-8", "replace"),
+                size,
+                crc,
+            )
+
+
+def segment_format(path: Path) -> bytes:
+    """The magic of a segment's first frame (empty for an empty or unreadable segment)."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(MAGIC))
+    except OSError:
+        return b""
+
+
 class Segment:
-    """An open journal segment. Thread-safe: records of one segment may interleave."""
+    """An open journal segment. Thread-safe: commits of several instances may interleave."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -76,60 +139,45 @@ class Segment:
         self._lock = threading.Lock()
         self._next_id = 1
         self.size = 0
-        self._written_back = 0
+        self.covered = 0
+        """Bytes of the instances committed here."""
         self.active = 0
-        """Records begun and not yet committed or abandoned."""
+        """Instances begun and not yet placed or abandoned."""
         self.committed = 0
         self.retired = False
         self._idle = threading.Condition(self._lock)
 
-    def _append(self, parts: list[bytes | memoryview]) -> None:
-        fd = self._fd
-        if fd is None:
-            raise JournalError("the journal segment is closed")
-        total = sum(len(part) for part in parts)
-        written = os.writev(fd, parts)
-        if written != total:  # a short write: finish it piece by piece
-            done = 0
-            for part in parts:
-                view = memoryview(part).cast("B")
-                start = max(0, min(len(view), written - done))
-                done += len(view)
-                while start < len(view):
-                    start += os.write(fd, view[start:])
-        self.size += total
-
-    def begin(self) -> int:
-        """Start a record; returns its id."""
+    def begin(self) -> None:
+        """An instance that may be committed here has begun."""
         with self._lock:
+            if self._fd is None:
+                raise JournalError("the journal segment is closed")
+            self.active += 1
+
+    def commit(self, incoming_name: str, relative: str, size: int, crc: int) -> None:
+        """Append a commit frame and flush the segment (``fdatasync``).
+
+        The incoming file must be flushed already: replay trusts a committed file whose CRC
+        matches.
+        """
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                raise JournalError("the journal segment is closed")
             record = self._next_id
             self._next_id += 1
-            self._append([_FRAME.pack(MAGIC, BEGIN, record, 0)])
-            self.active += 1
-            return record
-
-    def write(self, record: int, data: bytes | memoryview) -> None:
-        with memoryview(data) as raw, raw.cast("B") as view, self._lock:
-            self._append([_FRAME.pack(MAGIC, DATA, record, len(view)), view])
-            if self.size - self._written_back >= 256 * 1024:
-                _start_writeback(self._fd, self._written_back, self.size - self._written_back)
-                self._written_back = self.size
-
-    def commit(self, record: int, relative: str, size: int, crc: int) -> None:
-        """Append the record's commit frame and flush the segment (``fdatasync``)."""
-        encoded = relative.encode("utf-8")
-        fields = struct.pack("<QI", size, crc)
-        payload = _COMMIT.pack(size, crc, zlib.crc32(fields + encoded)) + encoded
-        with self._lock:
-            self._append([_FRAME.pack(MAGIC, COMMIT, record, len(payload)), payload])
-            fd = self._fd
-        assert fd is not None
-        os.fdatasync(fd)  # outside the lock: other records may append meanwhile
+            frame = encode_commit(record, incoming_name, relative, size, crc)
+            written = os.write(fd, frame)
+            while written < len(frame):
+                written += os.write(fd, frame[written:])
+            self.size += len(frame)
+            self.covered += size
+        os.fdatasync(fd)  # outside the lock: other instances may append meanwhile
         with self._lock:
             self.committed += 1
 
     def end(self) -> None:
-        """The record begun last by a caller is committed or abandoned."""
+        """An instance begun here was placed or abandoned."""
         with self._lock:
             self.active = max(0, self.active - 1)
             if self.active == 0:
@@ -148,25 +196,19 @@ class Segment:
 
 @dataclass
 class JournalRecord:
-    """One instance being written: its spool file's bytes go to the segment as well."""
+    """One instance being received into an incoming file, to be committed to a segment.
+
+    It holds the segment open (see :meth:`Segment.wait_idle`) until :meth:`end`, which comes
+    after the file was moved into place or discarded.
+    """
 
     segment: Segment
-    record: int
-    crc: int = 0
-    size: int = 0
     ended: bool = False
 
-    def write(self, data: bytes | memoryview) -> None:
-        self.segment.write(self.record, data)
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += len(data)
-
-    def commit(self, relative: str) -> None:
-        """Make the record durable under ``relative`` (a spool path)."""
-        try:
-            self.segment.commit(self.record, relative, self.size, self.crc)
-        finally:
-            self.end()
+    def commit(self, incoming: IncomingFile, relative: str) -> None:
+        """Make ``incoming`` durable as the instance at ``relative``: flush it, then commit."""
+        incoming.sync(drop_cache=True)
+        self.segment.commit(incoming.basename, relative, incoming.size, incoming.crc)
 
     def end(self) -> None:
         if not self.ended:
@@ -180,10 +222,13 @@ class ReplayStats:
     committed: int = 0
     restored: int = 0
     skipped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    """Committed spool paths found neither in place nor in ``incoming/``."""
 
 
 class Journal:
-    """The segments in ``spool/journal`` and the thread that checkpoints them."""
+    """The segments in ``spool/journal``, the incoming files they commit, and the thread that
+    checkpoints them."""
 
     def __init__(
         self, spool: Spool, *, segment_limit: int = SEGMENT_LIMIT, owner: str | None = None
@@ -193,14 +238,15 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.segment_limit = segment_limit
         self.owner = owner
-        """Prefix of this journal's segment names (the receiving process, see
-        :mod:`opmri_node.receivers`), so that another process can replay them alone."""
+        """Prefix of this journal's segment and incoming file names (the receiving process,
+        see :mod:`opmri_node.receivers`), so that another process can replay them alone."""
+        self.prefix = "" if owner is None else f"{owner}-"
+        self.pool = IncomingPool(spool.incoming, self.prefix)
         self.checkpointer = Checkpointer(self)
 
     def open_segment(self) -> Segment:
         """A new segment, its name already durable in the journal folder."""
-        prefix = "" if self.owner is None else f"{self.owner}-"
-        segment = Segment(self.folder / f"{prefix}{uuid.uuid4().hex}{SEGMENT_SUFFIX}")
+        segment = Segment(self.folder / f"{self.prefix}{uuid.uuid4().hex}{SEGMENT_SUFFIX}")
         try:
             fsync_dir(self.folder)
         except OSError:
@@ -209,12 +255,28 @@ class Journal:
             raise
         return segment
 
+    def open_incoming(self, segment: Segment) -> IncomingFile:
+        """An incoming file (with a durable name) for an instance to be committed to
+        ``segment``."""
+        segment.begin()
+        record = JournalRecord(segment)
+        try:
+            return IncomingFile(self.pool.take(), create=False, checksum=True, ticket=record)
+        except BaseException:
+            record.end()
+            raise
+
     def retire(self, segment: Segment) -> None:
         """No new records go to ``segment``; checkpoint and delete it once its records end."""
         if segment.retired:
             return
         segment.retired = True
         self.checkpointer.submit(segment)
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Checkpoint the retired segments and delete the unused incoming files."""
+        self.pool.close()
+        return self.checkpointer.stop(timeout)
 
     def segments(self, owner: str | None = None) -> list[Path]:
         """Segment files in the folder (of one owner, or all)."""
@@ -225,21 +287,49 @@ class Journal:
         )
 
     def replay(self, owner: str | None = None) -> ReplayStats:
-        """Restore committed instances of left-over segments (of one owner, or all) into the
-        spool, then delete them."""
+        """Move committed instances of left-over segments (of one owner, or all) into place,
+        then delete the segments and, for one owner, its incoming files."""
         stats = ReplayStats()
         segments = self.segments(owner)
         for path in segments:
             stats.segments += 1
-            self._replay_segment(path, stats)
+            if segment_format(path) == MAGIC_V1:
+                self._replay_v1(path, stats)
+            else:
+                self._replay_segment(path, stats)
         if stats.segments:
             sync_filesystem(self.spool.root)
             for path in segments:
                 path.unlink(missing_ok=True)
             fsync_dir(self.folder)
+        if owner is not None:
+            self.spool.clean_incoming(f"{owner}-")
         return stats
 
     def _replay_segment(self, path: Path, stats: ReplayStats) -> None:
+        for commit in read_commits(path):
+            stats.committed += 1
+            relative = commit.relative
+            if not is_spool_path(relative) or not _is_incoming_name(commit.incoming_name):
+                stats.skipped.append(relative)
+                continue
+            target = self.spool.path(relative)
+            if _file_crc(target, commit.size) == commit.crc:
+                continue
+            source = self.spool.incoming / commit.incoming_name
+            if _file_crc(source, commit.size) != commit.crc:
+                stats.missing.append(relative)
+                continue
+            folder = target.parent
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                fsync_dir(folder.parent)
+            os.replace(source, target)
+            stats.restored += 1
+            LOGGER.info("moved committed spool file %s into place", relative)
+
+    def _replay_v1(self, path: Path, stats: ReplayStats) -> None:
+        """Replay a segment of the first format (the instances' bytes in ``DATA`` frames)."""
         extents: dict[int, list[tuple[int, int]]] = {}
         crcs: dict[int, int] = {}
         with path.open("rb") as fh:
@@ -248,7 +338,7 @@ class Journal:
                 if len(head) < _FRAME.size:
                     return
                 magic, kind, record, length = _FRAME.unpack(head)
-                if magic != MAGIC or kind not in (BEGIN, DATA, COMMIT):
+                if magic != MAGIC_V1 or kind not in (BEGIN, DATA, COMMIT):
                     return
                 start = fh.tell()
                 if kind == BEGIN:
@@ -268,13 +358,13 @@ class Journal:
                     crcs[record] = crc
                     extents[record].append((start, length))
                 else:
-                    if record not in extents or length > _COMMIT.size + _MAX_PATH:
+                    if record not in extents or length > _COMMIT_V1.size + _MAX_PATH:
                         return
                     payload = fh.read(length)
-                    if len(payload) < length or length < _COMMIT.size:
+                    if len(payload) < length or length < _COMMIT_V1.size:
                         return
-                    size, crc, check = _COMMIT.unpack_from(payload)
-                    encoded = payload[_COMMIT.size :]
+                    size, crc, check = _COMMIT_V1.unpack_from(payload)
+                    encoded = payload[_COMMIT_V1.size :]
                     if zlib.crc32(struct.pack("<QI", size, crc) + encoded) != check:
                         return
                     parts = extents.pop(record)
@@ -285,12 +375,12 @@ class Journal:
                     if not is_spool_path(relative):
                         stats.skipped.append(relative)
                         continue
-                    if self._restore(path, parts, relative, size, crc):
+                    if self._restore_v1(path, parts, relative, size, crc):
                         stats.restored += 1
                     fh.seek(start + length)
                 fh.seek(start + length)
 
-    def _restore(
+    def _restore_v1(
         self, segment: Path, parts: list[tuple[int, int]], relative: str, size: int, crc: int
     ) -> bool:
         """Write the record to its spool path unless an identical file is there already."""
@@ -321,6 +411,11 @@ class Journal:
             raise
         LOGGER.info("restored spool file %s from the receive journal", relative)
         return True
+
+
+def _is_incoming_name(name: str) -> bool:
+    """A plain file name in ``incoming/`` (never a path)."""
+    return name.endswith(".part") and os.path.basename(name) == name and name not in (".", "..")
 
 
 def _file_crc(path: Path, size: int) -> int | None:
@@ -410,14 +505,6 @@ def _load_libc_function(name: str) -> Callable[..., int] | None:
 
 
 _SYNCFS = _load_libc_function("syncfs")
-_SYNC_FILE_RANGE = _load_libc_function("sync_file_range")
-if _SYNC_FILE_RANGE is not None:
-    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]  # type: ignore[attr-defined]
-
-
-def _start_writeback(fd: int | None, offset: int, length: int) -> None:
-    if fd is not None and _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE: start, do not wait
 
 
 def sync_filesystem(folder: Path) -> None:

@@ -282,6 +282,9 @@ class ReceiverPool:
             if stats.segments:
                 LOGGER.warning("replayed %d journal segment(s) of the process: %d committed "
                                "instance(s)", stats.segments, stats.committed)
+            for missing in stats.missing:
+                LOGGER.error("receive journal commits %s, found neither in place nor in "
+                             "incoming/", missing)
         except OSError as exc:
             LOGGER.error("replaying the journal of the process failed: %s", exc)
         if self._stop.is_set():

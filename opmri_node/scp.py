@@ -13,10 +13,10 @@ Association policy (checked when the A-ASSOCIATE-RQ arrives, before anything is 
   contexts are rejected (abstract syntax not supported).
 
 C-STORE writes the received data set byte for byte (see :mod:`opmri_node.spool`), makes it
-durable with one flush of the receive journal (:mod:`opmri_node.journal`), records it in the state
-database and only then answers 0x0000. Every association leaves one audit line
-(logger ``opmri_node.audit``) with the peer, AE titles, counts, duration and outcome, and no
-patient data.
+durable with a flush of the file and one of a commit in the receive journal
+(:mod:`opmri_node.journal`), records it in the state database and only then answers 0x0000.
+Every association leaves one audit line (logger ``opmri_node.audit``) with the peer, AE titles,
+counts, duration and outcome, and no patient data.
 """
 
 from __future__ import annotations
@@ -226,11 +226,11 @@ class _StoreStream:
 class Receiver:
     """The node's DICOM listener (Verification and Storage SCP).
 
-    A C-STORE data set is appended to a file in ``spool/incoming`` and to the association's
-    receive journal segment as its P-DATA arrive (the journal asking the kernel to start writing
-    it out), so that when the last fragment arrives only the tail and one flush remain. The
-    handler then checks the data set, finishes the file (or writes it whole if streaming was
-    not possible), commits the journal record, renames the file into place and records it.
+    A C-STORE data set is appended to a file in ``spool/incoming`` as its P-DATA arrive (the
+    file asking the kernel to start writing it out), so that when the last fragment arrives
+    little is left to flush. The handler then checks the data set, finishes the file (or writes
+    it whole if streaming was not possible), flushes it, commits it to the association's
+    receive journal segment, renames it into place and records it.
     """
 
     def __init__(
@@ -411,7 +411,7 @@ class Receiver:
             self._segments.clear()
         for segment in segments:
             self.journal.retire(segment)
-        checkpointed = self.journal.checkpointer.stop(max(1.0, deadline - time.monotonic()))
+        checkpointed = self.journal.close(max(1.0, deadline - time.monotonic()))
         return ended and checkpointed
 
     # -- policy ----------------------------------------------------------------------------
@@ -584,24 +584,19 @@ class Receiver:
         return stream
 
     def _open_incoming(self, assoc: Association) -> IncomingFile:
-        """A new incoming file mirrored to a record of the association's journal segment."""
+        """A new incoming file, to be committed to the association's journal segment."""
         self.spool.check_room(0)
         key = id(assoc)
         with self._segments_lock:
             segment = self._segments.get(key)
-            if segment is not None and segment.size >= self.journal.segment_limit:
+            if segment is not None and segment.covered >= self.journal.segment_limit:
                 del self._segments[key]
                 self.journal.retire(segment)
                 segment = None
             if segment is None:
                 segment = self.journal.open_segment()
                 self._segments[key] = segment
-            record = JournalRecord(segment, segment.begin())
-        try:
-            return self.spool.open_incoming(mirror=record, check_room=False)
-        except BaseException:
-            record.end()
-            raise
+            return self.journal.open_incoming(segment)
 
     def _take_stream(self, assoc: Association, message_id: int) -> _StoreStream | None:
         with self._streams_lock:
@@ -738,20 +733,24 @@ class Receiver:
                 incoming.write(meta)
                 incoming.write(tail)
             size = incoming.size
-            record = cast(JournalRecord, incoming.mirror)
-            tmp = incoming.close()
+            record = cast(JournalRecord, incoming.ticket)
             self.spool.check_room(0)
             with self._uid_locks[hash(command_uid) % _LOCK_STRIPES]:
                 existing = self.state.current_instance(header.sop_instance_uid)
-                if existing is not None and self._same(existing, transfer_syntax, tmp, meta_length):
+                if existing is not None and self._same(
+                    existing, transfer_syntax, incoming.name, meta_length
+                ):
                     return self._duplicate(audit, tag), incoming
                 revision = 1 if existing is None else existing.revision + 1
                 relative = self.spool.relative_path(
                     header.study_uid, header.sop_instance_uid, revision
                 )
-                record.commit(relative)  # durable from here on
-                self.spool.place(tmp, relative)
-                incoming = None
+                record.commit(incoming, relative)  # durable from here on
+                committed, incoming = incoming, None
+                try:
+                    self.spool.place(committed.close(), relative)
+                finally:
+                    record.end()  # a failed move stays in incoming/: replay moves it
                 self.state.record_instance(
                     NewInstance(
                         study_uid=header.study_uid,

@@ -6,9 +6,10 @@ embedding code use :meth:`Node.start` / :meth:`Node.stop` (also as a context man
 Start-up order makes a restart after a crash (even ``kill -9``) safe:
 
 1. receive journal segments left over are replayed: every instance committed in them (which
-   includes every acknowledged one) is restored to the spool if its file is missing or differs
-   (see :mod:`opmri_node.journal`);
-2. partial writes in ``spool/incoming`` are deleted (they were never acknowledged);
+   includes every acknowledged one) is moved from ``spool/incoming`` into its study folder if
+   the move did not reach the disk (see :mod:`opmri_node.journal`);
+2. what else is in ``spool/incoming`` is deleted (partial writes, never acknowledged, and
+   empty files prepared for instances);
 3. after an unclean stop (no ``clean-shutdown`` marker, or journal segments were left), spool
    files missing from the state database (a crash between rename and commit, or transactions a
    power failure took) are indexed again;
@@ -134,6 +135,10 @@ class Node:
             )
         for skipped in replayed.skipped:
             LOGGER.error("receive journal names an invalid spool path; not restored: %r", skipped)
+        for missing in replayed.missing:
+            LOGGER.error(
+                "receive journal commits %s, found neither in place nor in incoming/", missing
+            )
         removed = self.spool.clean_incoming()
         if removed:
             LOGGER.info("removed %d partial write(s) left by an interrupted run", removed)

@@ -2,7 +2,8 @@
 
 Layout under ``<data_dir>/spool``::
 
-    incoming/                      partial writes; emptied at start-up (never acknowledged)
+    incoming/                      files being received; emptied at start-up once the receive
+                                   journal has moved the committed ones into place
     studies/<study key>/<instance key>-<revision>.dcm
 
 Both keys are hashes of UIDs (:func:`study_key`, :func:`instance_key`), so no received text ever
@@ -12,21 +13,25 @@ pixel data, deflated data sets and big endian data sets stay as sent).
 
 :meth:`Spool.store` writes a file to ``incoming/``, fsyncs it, renames it into its study folder
 and fsyncs the folder, so once it returns the file survives a crash of the process or of the
-machine. The listener instead writes each received file alongside a receive journal record
-(:mod:`opmri_node.journal`), which makes it durable with one flush, and moves it into place
-with :meth:`Spool.place`.
+machine. The listener instead flushes each received file in ``incoming/`` (taken from an
+:class:`IncomingPool`, so its name is durable already), commits it to a receive journal
+(:mod:`opmri_node.journal`) and moves it into place with :meth:`Spool.place`, leaving the
+folder flushes to the journal's checkpoint.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import logging
 import os
 import re
 import struct
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -42,6 +47,8 @@ from pydicom.uid import UID
 
 from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from opmri_node.state import study_key
+
+LOGGER = logging.getLogger(__name__)
 
 FREE_SPACE_TTL_S: Final[float] = 0.1
 FREE_SPACE_SLACK: Final[int] = 256 * 1024 * 1024
@@ -239,12 +246,15 @@ def _element_ob(element: int, value: bytes) -> bytes:
     return header + struct.pack("<I", len(value)) + value
 
 
-class Mirror(Protocol):
-    """Where an incoming file's bytes are written as well (a receive journal record)."""
-
-    def write(self, data: bytes | memoryview) -> None: ...
+class Ticket(Protocol):
+    """What an incoming file holds open until it is committed or discarded (a receive
+    journal record)."""
 
     def end(self) -> None: ...
+
+
+WRITEBACK_STEP: Final[int] = 256 * 1024
+"""An incoming file with a ``checksum`` asks the kernel to write back every this many bytes."""
 
 
 class IncomingFile:
@@ -252,21 +262,38 @@ class IncomingFile:
 
     :meth:`start_writeback` asks the kernel to begin writing what has been appended so far
     without waiting for it, so the device works while the rest of the data set is still
-    arriving and the final fsync has little left to do. With a ``mirror`` every byte is also
-    written there (the receive journal, which then makes the file durable instead of an fsync).
+    arriving and the final flush has little left to do. With ``checksum`` the file keeps the
+    CRC-32 of its bytes (for a receive journal commit) and starts write-back by itself every
+    :data:`WRITEBACK_STEP` bytes. ``create=False`` opens a file that already exists (empty,
+    from an :class:`IncomingPool`).
     """
 
-    def __init__(self, path: str | Path, mirror: Mirror | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        checksum: bool = False,
+        ticket: Ticket | None = None,
+    ) -> None:
         self.name = os.fspath(path)
         """The file's path as a string."""
         self.size = 0
+        self.crc = 0
+        """CRC-32 of the bytes written (with ``checksum`` only)."""
         self._flushed = 0
-        self.mirror = mirror
-        self._fd: int | None = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._checksum = checksum
+        self.ticket = ticket
+        flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0)
+        self._fd: int | None = os.open(self.name, flags, 0o640)
 
     @property
     def path(self) -> Path:
         return Path(self.name)
+
+    @property
+    def basename(self) -> str:
+        return os.path.basename(self.name)
 
     def write(self, data: bytes | memoryview) -> None:
         if self._fd is None:
@@ -276,13 +303,29 @@ class IncomingFile:
             while offset < len(view):
                 offset += os.write(self._fd, view[offset:])
             self.size += offset
-            if self.mirror is not None:
-                self.mirror.write(view)
+            if self._checksum:
+                self.crc = zlib.crc32(view, self.crc)
+                if self.size - self._flushed >= WRITEBACK_STEP:
+                    self.start_writeback()
 
     def start_writeback(self) -> None:
         if self._fd is not None and self.size > self._flushed:
             _start_writeback(self._fd, self._flushed, self.size - self._flushed)
             self._flushed = self.size
+
+    def sync(self, *, drop_cache: bool = False) -> None:
+        """Flush the file's bytes and size (``fdatasync``); it stays open.
+
+        With ``drop_cache`` the kernel then drops the file's (now clean) pages from the page
+        cache: a node receiving all day would otherwise fill memory with instances it reads
+        again at most once, evicting what other programs use, and the kernel would have to
+        reclaim those pages before every new write.
+        """
+        if self._fd is None:
+            raise ValueError("the incoming file is already closed")
+        os.fdatasync(self._fd)
+        if drop_cache and _FADVISE:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def finish(self) -> Path:
         """fsync and close; returns the path."""
@@ -296,7 +339,7 @@ class IncomingFile:
         return self.path
 
     def close(self) -> str:
-        """Close without flushing (the mirror makes the bytes durable); returns the path."""
+        """Close without flushing; returns the path."""
         if self._fd is None:
             raise ValueError("the incoming file is already closed")
         fd, self._fd = self._fd, None
@@ -304,14 +347,105 @@ class IncomingFile:
         return self.name
 
     def discard(self) -> None:
-        """Close (if open) and delete the file; an uncommitted mirror record is abandoned."""
+        """Close (if open) and delete the file; its ticket, if any, ends."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-        if self.mirror is not None:
-            self.mirror.end()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.name)
+        if self.ticket is not None:
+            self.ticket.end()
+
+
+class IncomingPool:
+    """Empty files in ``incoming/`` whose names are already durable.
+
+    A file created and flushed with ``fdatasync`` is durable, but POSIX makes its *name*
+    durable only once its folder is flushed as well. The receive journal commits an instance
+    with one flush of its data file (and one of the journal), so it writes into files taken
+    from here: a background thread creates them in batches and flushes the folder once per
+    batch. Names start with ``prefix`` (the owner of the journal that uses them), so the files
+    one owner left behind can be removed without touching another's.
+    """
+
+    def __init__(self, folder: str | Path, prefix: str = "", *, batch: int = 32) -> None:
+        self.folder = os.fspath(folder)
+        self.prefix = prefix
+        self.batch = batch
+        self._names: collections.deque[str] = collections.deque()
+        self._cond = threading.Condition()
+        self._wanted = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def take(self) -> str:
+        """The path of an empty file with a durable name (made now if none is ready)."""
+        with self._cond:
+            if self._closed:
+                raise ValueError("the incoming pool is closed")
+            if len(self._names) <= self.batch // 2 and not self._wanted:
+                self._wanted = True
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="incoming-pool", daemon=True
+                    )
+                    self._thread.start()
+                self._cond.notify_all()
+            if self._names:
+                return self._names.popleft()
+        return self._make(1)[0]
+
+    def _make(self, count: int) -> list[str]:
+        names = []
+        try:
+            for _ in range(count):
+                name = f"{self.folder}/{self.prefix}{uuid.uuid4().hex}.part"
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+                names.append(name)
+            fsync_dir(Path(self.folder))
+        except BaseException:
+            for name in names:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+            raise
+        return names
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._wanted or self._closed)
+                if self._closed:
+                    return
+            try:
+                names = self._make(self.batch)
+            except OSError as exc:  # take() makes its own file meanwhile
+                LOGGER.warning("could not prepare incoming files: %s", exc)
+                names = []
+                time.sleep(1.0)
+            with self._cond:
+                if self._closed:
+                    _unlink_all(names)
+                    return
+                self._names.extend(names)
+                self._wanted = False
+
+    def close(self) -> None:
+        """Stop making files and delete those not taken."""
+        with self._cond:
+            self._closed = True
+            names = list(self._names)
+            self._names.clear()
+            thread, self._thread = self._thread, None
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(10.0)
+        _unlink_all(names)
+
+
+def _unlink_all(names: list[str]) -> None:
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
@@ -333,6 +467,7 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
+_FADVISE: Final[bool] = hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
@@ -369,11 +504,12 @@ class Spool:
         for folder in (self.root, self.incoming, self.studies):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def clean_incoming(self) -> int:
-        """Delete partial writes left by an interrupted run; returns how many were removed."""
+    def clean_incoming(self, prefix: str = "") -> int:
+        """Delete partial writes left by an interrupted run (those whose names start with
+        ``prefix``); returns how many were removed."""
         removed = 0
         for entry in self.incoming.iterdir():
-            if entry.is_file():
+            if entry.name.startswith(prefix) and entry.is_file():
                 entry.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -410,13 +546,11 @@ class Spool:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    def open_incoming(
-        self, *, mirror: Mirror | None = None, check_room: bool = True
-    ) -> IncomingFile:
+    def open_incoming(self, *, check_room: bool = True) -> IncomingFile:
         """Start a new file in ``incoming/`` (refused if the free-space reserve is reached)."""
         if check_room:
             self.check_room(0)
-        return IncomingFile(f"{self._incoming_name}/{uuid.uuid4().hex}.part", mirror)
+        return IncomingFile(f"{self._incoming_name}/{uuid.uuid4().hex}.part")
 
     def write_incoming(self, parts: Sequence[bytes | memoryview]) -> Path:
         """Write ``parts`` to a new file in ``incoming/`` and fsync it; returns its path."""
@@ -443,7 +577,7 @@ class Spool:
     def place(self, tmp: str | Path, relative: str) -> None:
         """Move an incoming file to its place without flushing anything.
 
-        Only for files whose bytes and path a flushed receive journal record already holds
+        Only for flushed files whose move a flushed receive journal commit already names
         (:mod:`opmri_node.journal`); the journal's checkpoint makes the move durable.
         """
         target = f"{self._root_name}/{relative}"

@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import _config as pynetdicom_config
 
+from opmri_node.journal import encode_commit, read_commits
 from opmri_node.service import CLEAN_MARKER_NAME
 from opmri_node.state import StateDB
 from tests.node_fixtures import (
@@ -104,12 +105,13 @@ def test_kill_9_mid_association_then_restart_loses_nothing_acknowledged(
     assert "node stopped" in restarted.log()
 
 
-def test_acknowledged_instances_survive_losing_unflushed_files_and_database(
+def test_acknowledged_instances_survive_losing_unflushed_renames_and_database(
     tmp_path: Path,
 ) -> None:
-    """What a power failure may take after kill -9: spool files written but not flushed, and
-    the state database's last transactions. The receive journal brings every acknowledged
-    instance back."""
+    """What a power failure may take after kill -9: the moves of committed files into their
+    study folders (not flushed before the journal's checkpoint), the unflushed tail of a
+    journal segment, partial files never committed, and the state database's last
+    transactions. The receive journal brings every acknowledged instance back."""
     config = write_config(tmp_path / "node", stable=3600)
     series = make_mr_series(tmp_path / "in", 40, size=256)
     serve = ServeProcess(config, log_path=tmp_path / "serve.log")
@@ -123,16 +125,18 @@ def test_acknowledged_instances_survive_losing_unflushed_files_and_database(
     killed.wait(10)
     assert killed.is_set() and 20 <= len(statuses) < 40 and all(s == 0 for s in statuses)
     acknowledged = series.sop_uids[: len(statuses)]
+    spool = tmp_path / "node" / "data" / "spool"
+    segments = sorted((spool / "journal").iterdir())
+    assert segments, "no journal segment was left"
+    commits = [commit for segment in segments for commit in read_commits(segment)]
+    assert len(commits) >= len(acknowledged)
+    for index, commit in enumerate(commits):  # renames not flushed: back where they were
+        if index % 2 == 0:
+            (spool / commit.relative).rename(spool / "incoming" / commit.incoming_name)
+    with segments[-1].open("ab") as fh:  # a torn frame after the last flushed one
+        fh.write(encode_commit(999, "torn.part", commits[0].relative, 1, 2)[:30])
+    (spool / "incoming" / "never-committed.part").write_bytes(b"\0" * 1000)
     data_dir = tmp_path / "node" / "data"
-    assert list((data_dir / "spool" / "journal").iterdir()), "no journal segment was left"
-    stored = sorted((data_dir / "spool" / "studies").rglob("*.dcm"))
-    assert len(stored) >= len(acknowledged)
-    for index, path in enumerate(stored):  # unflushed data: gone or cut short
-        if index % 2:
-            path.unlink()
-        else:
-            with path.open("r+b") as fh:
-                fh.truncate(1000)
     for name in ("state.sqlite3", "state.sqlite3-wal", "state.sqlite3-shm"):
         (data_dir / name).unlink(missing_ok=True)
 
@@ -142,9 +146,10 @@ def test_acknowledged_instances_survive_losing_unflushed_files_and_database(
             for path, sop in zip(series.files, acknowledged, strict=False):
                 record = state.current_instance(sop)
                 assert record is not None, "an acknowledged instance is missing"
-                assert data_set_of(data_dir / "spool" / record.path) == data_set_of(path)
+                assert data_set_of(spool / record.path) == data_set_of(path)
             assert state.instance_count() <= len(acknowledged) + 1
-        assert list((data_dir / "spool" / "journal").iterdir()) == []
+        assert list((spool / "journal").iterdir()) == []
+        assert list((spool / "incoming").iterdir()) == []
     finally:
         assert restarted.terminate() == 0
     assert "restored to the spool" in restarted.log()
