@@ -15,7 +15,10 @@ classes. The classes here change what happens around them:
   request, storing the instance and sending the response then need no hand-off between
   threads, each of which costs a scheduler wake-up (several milliseconds on a busy machine).
 * :attr:`NodeAssociation.on_pdata` lets the listener take each P-DATA's share of a data set
-  out of memory while the message is still arriving.
+  out of memory while the message is still arriving, and
+  :attr:`NodeAssociation.on_data_fragment` lets it take a P-DATA-TF PDU that carries one
+  middle fragment of a data set straight from the socket's buffer (:meth:`NodeDUL.
+  _read_pdu_data`): no copies, decoding or state machine event for the bulk of a C-STORE.
 * A complete C-STORE request becomes its primitive without pydicom's conversion of each
   command element (:func:`c_store_rq_primitive`; anything unusual takes pynetdicom's path).
 * C-STORE responses are encoded directly (:func:`encode_c_store_rsp`), a fixed group of
@@ -96,6 +99,11 @@ class BoundedSocket(AssociationSocket):
         self.read_timeout = read_timeout
         self.failed = False
         """Set once a read failed: the connection is unusable."""
+        self._pending = bytearray()
+
+    def unread(self, data: bytes | bytearray) -> None:
+        """Put bytes back: the next reads return them before anything from the socket."""
+        self._pending[:0] = data
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only if the peer closed the connection).
@@ -113,9 +121,20 @@ class BoundedSocket(AssociationSocket):
             )
             raise PDUTooLongError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.max_read}")
         sock = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
+        pending = self._pending
+        if pending:
+            if len(pending) >= nr_bytes:
+                taken = pending[:nr_bytes]
+                del pending[:nr_bytes]
+                return taken
+            buffer = bytearray(nr_bytes)
+            buffer[: len(pending)] = pending
+            received = len(pending)
+            pending.clear()
+        else:
+            buffer = bytearray(nr_bytes)
+            received = 0
         view = memoryview(buffer)
-        received = 0
         deadline = None if self.read_timeout is None else time.monotonic() + self.read_timeout
         while received < nr_bytes:
             if deadline is not None:
@@ -215,6 +234,60 @@ class NodeDUL(DULServiceProvider):
             self._wake_r.close()
             self._wake_w.close()
 
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; a P-DATA-TF with one middle data set fragment may go to
+        :attr:`NodeAssociation.on_data_fragment` instead of pynetdicom.
+
+        Anything else (other PDU types, command fragments, last fragments, several PDVs, a
+        fragment the hook declines, other states, bound PDU events, read errors) is put back
+        and read by pynetdicom's own method, so it behaves exactly as without this path.
+        """
+        sock = self.socket
+        assoc = self.assoc
+        hook = getattr(assoc, "on_data_fragment", None)
+        if (
+            hook is None
+            or not isinstance(sock, BoundedSocket)
+            or self.state_machine.current_state != "Sta6"
+            or assoc._handlers.get(evt.EVT_DATA_RECV)
+            or assoc._handlers.get(evt.EVT_PDU_RECV)
+        ):
+            super()._read_pdu_data()
+            return
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            self._transport_closed(exc)
+            return
+        if len(header) < 6 or header[0] != 0x04:
+            sock.unread(header)
+            super()._read_pdu_data()
+            return
+        length = int.from_bytes(header[2:6], "big")
+        if length < 6 or length + 6 > sock.max_read:
+            sock.unread(header)
+            super()._read_pdu_data()
+            return
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError) as exc:
+            self._transport_closed(exc)
+            return
+        if len(body) == length and int.from_bytes(body[0:4], "big") == length - 4:
+            context_id, control = body[4], body[5]
+            if control & 0x03 == 0:  # one PDV: a data set fragment, not the last
+                with memoryview(body) as view, view[6:] as fragment:
+                    taken = hook(assoc, context_id, fragment)
+                if taken:
+                    return
+        sock.unread(header + body)
+        super()._read_pdu_data()
+
+    def _transport_closed(self, exc: BaseException) -> None:
+        """What pynetdicom does when a PDU cannot be read: Evt17."""
+        LOGGER.error("connection closed before the entire PDU was received: %s", exc)
+        self.event_queue.put("Evt17")
+
     def _abort_on_error(self, exc: Exception) -> None:
         if isinstance(exc, PDUTooLongError):
             LOGGER.warning("association aborted: %s", exc)
@@ -274,6 +347,11 @@ class NodeAssociation(Association):
     on_pdata: Callable[[Association], None] | None = None
     """Called after each P-DATA primitive has been added to the DIMSE message in progress
     (in the upper layer's thread), e.g. to write a C-STORE data set while it arrives."""
+    on_data_fragment: Callable[[Association, int, memoryview], bool] | None = None
+    """Offered each P-DATA-TF PDU holding one data set fragment that is not the last (the
+    presentation context ID and the fragment without its message control header, valid only
+    during the call), in the DUL thread before pynetdicom sees it. Returning ``True`` takes
+    the fragment: it never reaches the DIMSE message in progress."""
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
@@ -539,6 +617,7 @@ class NodeRequestHandler(RequestHandler):
         assoc.daemon = True
         assoc.on_end = server.on_association_end
         assoc.on_pdata = server.on_pdata
+        assoc.on_data_fragment = server.on_data_fragment
         sock = BoundedSocket(
             assoc,
             request,
@@ -575,6 +654,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         max_connections: int,
         on_association_end: Callable[[Association], None] | None = None,
         on_pdata: Callable[[Association], None] | None = None,
+        on_data_fragment: Callable[[Association, int, memoryview], bool] | None = None,
         listen: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -585,6 +665,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         self.max_connections = max_connections
         self.on_association_end = on_association_end
         self.on_pdata = on_pdata
+        self.on_data_fragment = on_data_fragment
         self.on_connection_closed: Callable[[], None] | None = None
         """Called once for every connection this server took that has ended."""
         self._connections = 0

@@ -348,6 +348,7 @@ class Receiver:
             max_connections=2 * node.max_associations + 4,
             on_association_end=self._on_end,
             on_pdata=self._on_pdata,
+            on_data_fragment=self._on_fragment,
             listen=listen,
         )
         assert isinstance(server, NodeAssociationServer)
@@ -536,28 +537,55 @@ class Receiver:
                     stream = self._open_stream(assoc, message, message_id)
                     self._streams[key] = stream
                 stream.message = message
-        incoming = stream.file
-        if incoming is None:
+        if stream.file is None:
             return
         buffer = message.data_set
+        view = buffer.getbuffer()
         try:
-            view = buffer.getbuffer()
-            try:
-                incoming.write(view)
-                count = len(view)
-                missing = _HEAD_KEEP - len(stream.head)
-                if missing > 0:
-                    stream.head += view[:missing]
-            finally:
-                view.release()
+            written = self._write_stream(stream, view)
+        finally:
+            view.release()
+        if not written:  # what was streamed is gone; without it, all is still in memory
+            stream.lost = stream.streamed > 0
+            return
+        buffer.seek(0)
+        buffer.truncate()
+
+    def _on_fragment(self, assoc: Association, context_id: int, fragment: memoryview) -> bool:
+        """Take a middle data set fragment of the C-STORE being streamed to a file (see
+        :attr:`~opmri_node.dicomnet.NodeAssociation.on_data_fragment`)."""
+        message = assoc.dimse.message
+        with self._streams_lock:
+            stream = self._streams.get(id(assoc))
+        if (
+            stream is None
+            or message is None
+            or stream.message is not message
+            or stream.file is None
+            or message.context_id != context_id
+        ):
+            return False
+        if not self._write_stream(stream, fragment):
+            stream.lost = True  # the fragment is taken: the instance cannot be stored
+        return True
+
+    @staticmethod
+    def _write_stream(stream: _StoreStream, data: memoryview) -> bool:
+        """Append data set bytes to the stream's file; False (and the file discarded) if
+        writing failed."""
+        incoming = stream.file
+        assert incoming is not None
+        try:
+            incoming.write(data)
         except OSError as exc:
             LOGGER.debug("writing a data set while it arrives failed: %s", exc)
             stream.discard()
-            stream.lost = stream.streamed > 0
-            return
-        stream.streamed += count
-        buffer.seek(0)
-        buffer.truncate()
+            return False
+        missing = _HEAD_KEEP - len(stream.head)
+        if missing > 0:
+            stream.head += data[:missing]
+        stream.streamed += len(data)
+        return True
 
     def _open_stream(self, assoc: Association, message: Any, message_id: int) -> _StoreStream:
         command = message.command_set

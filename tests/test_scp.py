@@ -21,8 +21,12 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
+from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import P_DATA
 
+from opmri_node.dicomnet import BoundedSocket
 from opmri_node.service import Node
 from opmri_node.spool import file_layout
 from opmri_node.state import StateDB
@@ -277,6 +281,66 @@ def test_pdu_header_claiming_4_gib_is_refused_without_buffering(node: Node) -> N
     assoc = scu_ae().associate(host, port, ae_title="OPMRI", contexts=_contexts())
     assert assoc.is_established and assoc.send_c_echo().Status == 0
     assoc.release()
+
+
+def test_data_set_fragments_in_any_packing_are_stored_byte_for_byte(tmp_path: Path) -> None:
+    """Middle fragments of a data set, one per P-DATA-TF, go straight from the socket to the
+    file; PDUs packing several PDVs (a command's end with data, two data fragments) take
+    pynetdicom's path. Either way the file holds exactly the data set sent."""
+    config = load(write_config(tmp_path / "node", node_extra="  max_pdu_length: 4096\n"))
+    series = make_mr_series(tmp_path / "in", 3, size=256)  # ~32 fragments each
+    with running_node(config) as node:
+        host, port = node.address
+        ae = scu_ae()
+        ae.add_requested_context(MR, ExplicitVRLittleEndian)
+        assoc = ae.associate(host, port, ae_title="OPMRI")
+        assert assoc.is_established
+        send_pdu = assoc.dul.send_pdu
+        held: list[tuple[int, bytes]] = []
+        packing = {"on": False}
+
+        def packed(primitive: object) -> None:
+            if not packing["on"] or not isinstance(primitive, P_DATA):
+                send_pdu(primitive)
+                return
+            held.extend(primitive.presentation_data_value_list)
+            last = held[-1][1][0] & 0x03 == 0x02
+            if len(held) >= 2 or last:
+                merged = P_DATA()
+                merged.presentation_data_value_list = [[i, bytes(v)] for i, v in held]  # type: ignore[misc]
+                held.clear()
+                send_pdu(merged)
+
+        assoc.dul.send_pdu = packed  # type: ignore[method-assign]
+        previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            statuses = []
+            for index, path in enumerate(series.files):
+                packing["on"] = index == 1
+                statuses.append(int(assoc.send_c_store(path).Status))
+        finally:
+            pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
+            assoc.release()
+        assert statuses == [0, 0, 0]
+        for path, sop in zip(series.files, series.sop_uids, strict=True):
+            assert data_set_of(stored_path(node, sop)) == data_set_of(path)
+        assert _partial_writes(node.spool.incoming) == []  # type: ignore[union-attr]
+
+
+def test_bounded_socket_reads_put_back_bytes_first() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        sock = BoundedSocket(Association(AE(), "acceptor"), left, max_pdu_length=4096,
+                             read_timeout=5)
+        right.sendall(b"abcdef")
+        assert sock.recv(2) == b"ab"
+        sock.unread(b"xy")
+        assert sock.recv(3) == b"xyc"
+        sock.unread(b"123")
+        assert sock.recv(6) == b"123def"
+        right.sendall(b"gh")
+        assert sock.recv(2) == b"gh"
 
 
 def test_idle_and_slow_clients_do_not_block_others(tmp_path: Path) -> None:
