@@ -17,8 +17,8 @@ classes. The classes here change what happens around them:
 * :attr:`NodeAssociation.on_pdata` lets the listener take each P-DATA's share of a data set
   out of memory while the message is still arriving, and
   :attr:`NodeAssociation.on_data_fragment` lets it take a P-DATA-TF PDU that carries one
-  middle fragment of a data set straight from the socket's buffer (:meth:`NodeDUL.
-  _read_pdu_data`): no copies, decoding or state machine event for the bulk of a C-STORE.
+  fragment of a data set straight from the socket's buffer (:meth:`NodeDUL._read_pdu_data`):
+  no copies, decoding or state machine event for the bulk of a C-STORE.
 * A complete C-STORE request becomes its primitive without pydicom's conversion of each
   command element (:func:`c_store_rq_primitive`; anything unusual takes pynetdicom's path).
 * C-STORE responses are encoded directly (:func:`encode_c_store_rsp`), a fixed group of
@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
@@ -67,6 +68,10 @@ LOGGER = logging.getLogger(__name__)
 
 ASSOCIATE_PDU_LIMIT: Final[int] = 1024 * 1024
 """Largest non-P-DATA PDU accepted (an A-ASSOCIATE-RQ with every context is ~100 KiB)."""
+
+_EMPTY_PDATA_HEADER: Final[bytes] = b"\x04\x00" + (6).to_bytes(4, "big")
+"""A P-DATA-TF PDU header for one PDV with no data: 4 length bytes, context ID, control."""
+_EMPTY_PDV_LENGTH: Final[bytes] = (2).to_bytes(4, "big")
 
 _WAIT_S: Final[float] = 0.05
 """Longest a reactor sleeps without news (bounds timer checks and shutdown latency)."""
@@ -235,12 +240,13 @@ class NodeDUL(DULServiceProvider):
             self._wake_w.close()
 
     def _read_pdu_data(self) -> None:
-        """Read one PDU; a P-DATA-TF with one middle data set fragment may go to
-        :attr:`NodeAssociation.on_data_fragment` instead of pynetdicom.
+        """Read one PDU; a P-DATA-TF with one data set fragment may go to
+        :attr:`NodeAssociation.on_data_fragment` instead of pynetdicom (a last fragment taken
+        is replaced by an empty one, which pynetdicom reads to complete the message).
 
-        Anything else (other PDU types, command fragments, last fragments, several PDVs, a
-        fragment the hook declines, other states, bound PDU events, read errors) is put back
-        and read by pynetdicom's own method, so it behaves exactly as without this path.
+        Anything else (other PDU types, command fragments, several PDVs, a fragment the hook
+        declines, other states, bound PDU events, read errors) is put back and read by
+        pynetdicom's own method, so it behaves exactly as without this path.
         """
         sock = self.socket
         assoc = self.assoc
@@ -275,11 +281,15 @@ class NodeDUL(DULServiceProvider):
             return
         if len(body) == length and int.from_bytes(body[0:4], "big") == length - 4:
             context_id, control = body[4], body[5]
-            if control & 0x03 == 0:  # one PDV: a data set fragment, not the last
+            if control & 0x01 == 0:  # one PDV: a data set fragment
+                last = bool(control & 0x02)
                 with memoryview(body) as view, view[6:] as fragment:
-                    taken = hook(assoc, context_id, fragment)
-                if taken:
+                    taken = hook(assoc, context_id, fragment, last)
+                if taken and not last:
                     return
+                if taken:  # pynetdicom completes the message with an empty last fragment
+                    header = bytearray(_EMPTY_PDATA_HEADER)
+                    body = bytearray(_EMPTY_PDV_LENGTH + bytes((context_id, control)))
         sock.unread(header + body)
         super()._read_pdu_data()
 
@@ -347,11 +357,12 @@ class NodeAssociation(Association):
     on_pdata: Callable[[Association], None] | None = None
     """Called after each P-DATA primitive has been added to the DIMSE message in progress
     (in the upper layer's thread), e.g. to write a C-STORE data set while it arrives."""
-    on_data_fragment: Callable[[Association, int, memoryview], bool] | None = None
-    """Offered each P-DATA-TF PDU holding one data set fragment that is not the last (the
-    presentation context ID and the fragment without its message control header, valid only
-    during the call), in the DUL thread before pynetdicom sees it. Returning ``True`` takes
-    the fragment: it never reaches the DIMSE message in progress."""
+    on_data_fragment: Callable[[Association, int, memoryview, bool], bool] | None = None
+    """Offered each P-DATA-TF PDU holding one data set fragment (the presentation context ID,
+    the fragment without its message control header, valid only during the call, and whether
+    it is the message's last), in the DUL thread before pynetdicom sees it. Returning ``True``
+    takes the fragment: it never reaches the DIMSE message in progress (a last fragment taken
+    reaches it empty, completing the message)."""
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
@@ -542,8 +553,9 @@ def c_store_rq_primitive(message: DIMSEMessage) -> C_STORE | None:
         return None
     primitive = C_STORE()
     primitive.MessageID = message_id
-    primitive.AffectedSOPClassUID = sop_class
-    primitive.AffectedSOPInstanceUID = sop_instance
+    # checked above: pynetdicom's setters would validate them again with pydicom
+    primitive._affected_sop_class_uid = UID(sop_class)
+    primitive._affected_sop_instance_uid = UID(sop_instance)
     primitive.Priority = priority
     primitive.DataSet = message.data_set
     primitive._context_id = message.context_id
@@ -654,7 +666,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         max_connections: int,
         on_association_end: Callable[[Association], None] | None = None,
         on_pdata: Callable[[Association], None] | None = None,
-        on_data_fragment: Callable[[Association, int, memoryview], bool] | None = None,
+        on_data_fragment: Callable[[Association, int, memoryview, bool], bool] | None = None,
         listen: bool = True,
         **kwargs: Any,
     ) -> None:

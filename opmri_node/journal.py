@@ -39,8 +39,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
+import platform
 import queue
 import struct
 import sys
@@ -146,6 +148,8 @@ class Segment:
         self.committed = 0
         self.retired = False
         self._idle = threading.Condition(self._lock)
+        self._flush_lock = threading.Lock()
+        self._parallel: ParallelFlush | None = None
 
     def begin(self) -> None:
         """An instance that may be committed here has begun."""
@@ -176,6 +180,37 @@ class Segment:
         with self._lock:
             self.committed += 1
 
+    def commit_file(self, incoming: IncomingFile, relative: str) -> None:
+        """Make ``incoming`` durable as the instance at ``relative``: flush the file and a
+        commit frame naming it.
+
+        Where the kernel can (Linux native AIO), the file's ``fdatasync`` runs while the
+        segment is flushed; both have ended when this returns. A crash between the two may
+        leave a flushed commit of a file that is not complete: replay recognises it by its
+        size and CRC-32, and it was never acknowledged.
+        """
+        with self._flush_lock:
+            flusher = self._flusher()
+            started = flusher is not None and flusher.start(incoming.fileno())
+            if not started:
+                incoming.sync()
+            try:
+                self.commit(incoming.basename, relative, incoming.size, incoming.crc)
+            finally:
+                if started:
+                    assert flusher is not None
+                    flusher.wait()
+        incoming.drop_cache()
+
+    def _flusher(self) -> ParallelFlush | None:
+        if self._parallel is None and ParallelFlush.available():
+            try:
+                self._parallel = ParallelFlush()
+            except OSError as exc:
+                LOGGER.debug("flushing in parallel is not available: %s", exc)
+                ParallelFlush.disable()
+        return self._parallel
+
     def end(self) -> None:
         """An instance begun here was placed or abandoned."""
         with self._lock:
@@ -192,6 +227,10 @@ class Segment:
             fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+        with self._flush_lock:
+            parallel, self._parallel = self._parallel, None
+        if parallel is not None:
+            parallel.close()
 
 
 @dataclass
@@ -206,9 +245,9 @@ class JournalRecord:
     ended: bool = False
 
     def commit(self, incoming: IncomingFile, relative: str) -> None:
-        """Make ``incoming`` durable as the instance at ``relative``: flush it, then commit."""
-        incoming.sync(drop_cache=True)
-        self.segment.commit(incoming.basename, relative, incoming.size, incoming.crc)
+        """Make ``incoming`` durable as the instance at ``relative`` (see
+        :meth:`Segment.commit_file`)."""
+        self.segment.commit_file(incoming, relative)
 
     def end(self) -> None:
         if not self.ended:
@@ -222,8 +261,9 @@ class ReplayStats:
     committed: int = 0
     restored: int = 0
     skipped: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    """Committed spool paths found neither in place nor in ``incoming/``."""
+    unfinished: list[str] = field(default_factory=list)
+    """Committed spool paths with no complete file, in place or in ``incoming/`` (a stop
+    between the file's flush and the commit's, before the instance was acknowledged)."""
 
 
 class Journal:
@@ -318,7 +358,8 @@ class Journal:
                 continue
             source = self.spool.incoming / commit.incoming_name
             if _file_crc(source, commit.size) != commit.crc:
-                stats.missing.append(relative)
+                stats.unfinished.append(relative)
+                source.unlink(missing_ok=True)
                 continue
             folder = target.parent
             if not folder.is_dir():
@@ -493,6 +534,118 @@ class Checkpointer:
             LOGGER.error("journal checkpoint failed: %s", exc)
 
 
+class _IOCB(ctypes.Structure):
+    """``struct iocb`` of Linux native AIO (little endian 64-bit layout)."""
+
+    _fields_ = [
+        ("aio_data", ctypes.c_uint64),
+        ("aio_key", ctypes.c_uint32),
+        ("aio_rw_flags", ctypes.c_int32),
+        ("aio_lio_opcode", ctypes.c_uint16),
+        ("aio_reqprio", ctypes.c_int16),
+        ("aio_fildes", ctypes.c_uint32),
+        ("aio_buf", ctypes.c_uint64),
+        ("aio_nbytes", ctypes.c_uint64),
+        ("aio_offset", ctypes.c_int64),
+        ("aio_reserved2", ctypes.c_uint64),
+        ("aio_flags", ctypes.c_uint32),
+        ("aio_resfd", ctypes.c_uint32),
+    ]
+
+
+class _IOEvent(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_uint64),
+        ("obj", ctypes.c_uint64),
+        ("res", ctypes.c_int64),
+        ("res2", ctypes.c_int64),
+    ]
+
+
+_IOCB_CMD_FDSYNC: Final[int] = 3
+_AIO_SYSCALLS: Final[dict[str, tuple[int, int, int, int]]] = {
+    # io_setup, io_destroy, io_submit, io_getevents
+    "x86_64": (206, 207, 209, 208),
+    "aarch64": (0, 1, 2, 4),
+}
+
+
+class ParallelFlush:
+    """One ``fdatasync`` run by the kernel in the background (Linux native AIO,
+    ``IOCB_CMD_FDSYNC``) while the caller does something else, such as another flush.
+
+    Not thread-safe: one flush in flight per instance.
+    """
+
+    _disabled = False
+
+    @classmethod
+    def available(cls) -> bool:
+        return not cls._disabled and _SYSCALL is not None and _AIO is not None
+
+    @classmethod
+    def disable(cls) -> None:
+        """The kernel or file system refused: flush one after the other from now on."""
+        cls._disabled = True
+
+    def __init__(self) -> None:
+        if _SYSCALL is None or _AIO is None:
+            raise OSError(errno.ENOSYS, "native AIO is not available")
+        self._numbers = _AIO
+        context = ctypes.c_ulong(0)
+        if _SYSCALL(self._numbers[0], 1, ctypes.byref(context)) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        self._context: ctypes.c_ulong | None = context
+        self._iocb = _IOCB()
+        self._iocbs = (ctypes.POINTER(_IOCB) * 1)(ctypes.pointer(self._iocb))
+        self._events = (_IOEvent * 1)()
+
+    def start(self, fd: int) -> bool:
+        """Start flushing ``fd``; False (nothing started) if the kernel or the file system
+        does not offer it (from then on, :meth:`available` is False).
+
+        Raises:
+            OSError: for any other error (a bad file descriptor, no resources).
+        """
+        if self._context is None:
+            return False
+        ctypes.memset(ctypes.byref(self._iocb), 0, ctypes.sizeof(self._iocb))
+        self._iocb.aio_lio_opcode = _IOCB_CMD_FDSYNC
+        self._iocb.aio_fildes = fd
+        if _SYSCALL(self._numbers[2], self._context, 1, self._iocbs) == 1:  # type: ignore[misc]
+            return True
+        error = ctypes.get_errno()
+        if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            LOGGER.debug("AIO fdatasync refused (errno %d): flushing in turn", error)
+            ParallelFlush.disable()
+            return False
+        raise OSError(error, os.strerror(error))
+
+    def wait(self) -> None:
+        """Wait for the flush started last; raises its error."""
+        assert self._context is not None
+        while True:
+            done = _SYSCALL(  # type: ignore[misc]
+                self._numbers[3], self._context, 1, 1, self._events, None
+            )
+            if done == 1:
+                break
+            error = ctypes.get_errno()
+            if done < 0 and error == errno.EINTR:
+                continue
+            raise OSError(error, os.strerror(error))
+        result = int(self._events[0].res)
+        if result < 0:
+            raise OSError(-result, os.strerror(-result))
+
+    def close(self) -> None:
+        """Release the AIO context (waits for a flush still in flight)."""
+        context, self._context = self._context, None
+        if context is not None and _SYSCALL is not None:
+            _SYSCALL(self._numbers[1], context)
+
+
 def _load_libc_function(name: str) -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -505,6 +658,10 @@ def _load_libc_function(name: str) -> Callable[..., int] | None:
 
 
 _SYNCFS = _load_libc_function("syncfs")
+_SYSCALL = _load_libc_function("syscall")
+if _SYSCALL is not None:
+    _SYSCALL.restype = ctypes.c_long  # type: ignore[attr-defined]
+_AIO: Final[tuple[int, int, int, int] | None] = _AIO_SYSCALLS.get(platform.machine())
 
 
 def sync_filesystem(folder: Path) -> None:

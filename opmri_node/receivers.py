@@ -275,16 +275,15 @@ class ReceiverPool:
                      child.index, child.process.pid, code)
         child.channel.close()
         from opmri_node.journal import Journal
-        from opmri_node.service import open_spool
+        from opmri_node.service import UNFINISHED_COMMIT, open_spool
 
         try:
             stats = Journal(open_spool(self.config)).replay(owner=str(child.process.pid))
             if stats.segments:
                 LOGGER.warning("replayed %d journal segment(s) of the process: %d committed "
                                "instance(s)", stats.segments, stats.committed)
-            for missing in stats.missing:
-                LOGGER.error("receive journal commits %s, found neither in place nor in "
-                             "incoming/", missing)
+            for unfinished in stats.unfinished:
+                LOGGER.warning(UNFINISHED_COMMIT, unfinished)
         except OSError as exc:
             LOGGER.error("replaying the journal of the process failed: %s", exc)
         if self._stop.is_set():

@@ -68,6 +68,7 @@ from opmri_node.spool import (
     HEADER_INFLATE_LIMIT,
     HeaderError,
     IncomingFile,
+    InstanceHeader,
     Spool,
     SpoolFullError,
     encode_file_meta,
@@ -214,6 +215,8 @@ class _StoreStream:
     head: bytearray = field(default_factory=bytearray)
     """The first streamed bytes (up to :data:`_HEAD_KEEP`), for reading the header."""
     lost: bool = False
+    header: InstanceHeader | None = None
+    """The header, when it could be read from :attr:`head` alone (see ``_write_stream``)."""
     message: Any = None
     """The DIMSE message whose P-DATA were last written (identifies the stream cheaply)."""
 
@@ -551,9 +554,12 @@ class Receiver:
         buffer.seek(0)
         buffer.truncate()
 
-    def _on_fragment(self, assoc: Association, context_id: int, fragment: memoryview) -> bool:
-        """Take a middle data set fragment of the C-STORE being streamed to a file (see
-        :attr:`~opmri_node.dicomnet.NodeAssociation.on_data_fragment`)."""
+    def _on_fragment(
+        self, assoc: Association, context_id: int, fragment: memoryview, last: bool
+    ) -> bool:
+        """Take a data set fragment of the C-STORE being streamed to a file (see
+        :attr:`~opmri_node.dicomnet.NodeAssociation.on_data_fragment`); the handler finds the
+        last one in the file too."""
         message = assoc.dimse.message
         with self._streams_lock:
             stream = self._streams.get(id(assoc))
@@ -584,6 +590,13 @@ class Receiver:
         missing = _HEAD_KEEP - len(stream.head)
         if missing > 0:
             stream.head += data[:missing]
+            if len(stream.head) == _HEAD_KEEP:
+                # the header is read now, while the rest arrives, if it ends within the head;
+                # otherwise (any failure) the handler reads it from the whole data set
+                with contextlib.suppress(Exception):
+                    stream.header = read_header(
+                        bytes(stream.head), stream.transfer_syntax, truncated=True
+                    )
         stream.streamed += len(data)
         return True
 
@@ -714,22 +727,27 @@ class Receiver:
                 meta_length = stream.meta_length
                 incoming.write(tail)
                 total = stream.streamed + len(tail)
+                early = stream.header
                 if stream.streamed == len(stream.head):  # all of the streamed part is in memory
                     head = bytes(stream.head) + tail[: HEADER_INFLATE_LIMIT - len(stream.head)]
                 else:
                     head = bytes(stream.head)
             else:
                 meta_length = 0
+                early = None
                 head = tail[:HEADER_INFLATE_LIMIT]
                 total = len(tail)
             try:
-                try:
-                    header = read_header(head, transfer_syntax, truncated=total > len(head))
-                except HeaderError:
-                    if incoming is None or len(head) >= min(total, HEADER_INFLATE_LIMIT):
-                        raise
-                    head = self._head_of(incoming.path, meta_length)  # a very long header
-                    header = read_header(head, transfer_syntax, truncated=total > len(head))
+                if early is not None:
+                    header = early  # read while the rest of the data set arrived
+                else:
+                    try:
+                        header = read_header(head, transfer_syntax, truncated=total > len(head))
+                    except HeaderError:
+                        if incoming is None or len(head) >= min(total, HEADER_INFLATE_LIMIT):
+                            raise
+                        head = self._head_of(incoming.path, meta_length)  # a very long header
+                        header = read_header(head, transfer_syntax, truncated=total > len(head))
             except HeaderError as exc:
                 LOGGER.warning("C-STORE of instance %s refused: %s", tag, exc)
                 return _status(CANNOT_UNDERSTAND, str(exc)), incoming

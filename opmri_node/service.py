@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from opmri_node.assembly import JobDispatcher, PendingJobs, StudyAssembler
 from opmri_node.config import NodeConfig
@@ -43,6 +43,11 @@ if TYPE_CHECKING:
     from opmri_node.receivers import ReceiverPool
 
 LOGGER = logging.getLogger(__name__)
+
+UNFINISHED_COMMIT: Final[str] = (
+    "receive journal commits %s but no complete file of it exists: the node stopped before "
+    "the file was flushed, so the instance was not acknowledged"
+)
 AUDIT = logging.getLogger("opmri_node.audit")
 
 STATE_DB_NAME = "state.sqlite3"
@@ -135,10 +140,8 @@ class Node:
             )
         for skipped in replayed.skipped:
             LOGGER.error("receive journal names an invalid spool path; not restored: %r", skipped)
-        for missing in replayed.missing:
-            LOGGER.error(
-                "receive journal commits %s, found neither in place nor in incoming/", missing
-            )
+        for unfinished in replayed.unfinished:
+            LOGGER.warning(UNFINISHED_COMMIT, unfinished)
         removed = self.spool.clean_incoming()
         if removed:
             LOGGER.info("removed %d partial write(s) left by an interrupted run", removed)

@@ -313,19 +313,24 @@ class IncomingFile:
             _start_writeback(self._fd, self._flushed, self.size - self._flushed)
             self._flushed = self.size
 
-    def sync(self, *, drop_cache: bool = False) -> None:
-        """Flush the file's bytes and size (``fdatasync``); it stays open.
-
-        With ``drop_cache`` the kernel then drops the file's (now clean) pages from the page
-        cache: a node receiving all day would otherwise fill memory with instances it reads
-        again at most once, evicting what other programs use, and the kernel would have to
-        reclaim those pages before every new write.
-        """
+    def fileno(self) -> int:
         if self._fd is None:
             raise ValueError("the incoming file is already closed")
-        os.fdatasync(self._fd)
-        if drop_cache and _FADVISE:
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return self._fd
+
+    def sync(self) -> None:
+        """Flush the file's bytes and size (``fdatasync``); it stays open."""
+        os.fdatasync(self.fileno())
+
+    def drop_cache(self) -> None:
+        """Drop the file's pages from the page cache (once flushed, they are clean).
+
+        A node receiving all day would otherwise fill memory with instances it reads again
+        at most once, evicting what other programs use, and the kernel would have to reclaim
+        those pages before every new write.
+        """
+        if _FADVISE:
+            os.posix_fadvise(self.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def finish(self) -> Path:
         """fsync and close; returns the path."""

@@ -15,6 +15,7 @@ from opmri_node.journal import (
     MAGIC_V1,
     Journal,
     JournalRecord,
+    ParallelFlush,
     encode_commit,
     read_commits,
 )
@@ -89,7 +90,7 @@ def test_replay_moves_committed_files_into_place_and_stops_at_a_torn_frame(
 
     stats = Journal(spool).replay()
     assert (stats.segments, stats.committed, stats.restored) == (2, 2, 1)
-    assert stats.missing == [] and stats.skipped == []
+    assert stats.unfinished == [] and stats.skipped == []
     assert spool.path(RELATIVE).read_bytes() == first
     assert spool.path(OTHER).read_bytes() == second
     assert list((spool.root / "journal").iterdir()) == []
@@ -107,7 +108,7 @@ def test_replay_reports_a_commit_whose_file_is_gone_and_refuses_paths(tmp_path: 
     segment.close()
     (spool.incoming / "fine.part").write_bytes(b"data")
     stats = Journal(spool).replay()
-    assert stats.missing == [RELATIVE]
+    assert stats.unfinished == [RELATIVE]
     assert stats.skipped == [OTHER, "../outside.dcm"]
     assert not (tmp_path / "outside.dcm").exists() and not spool.path(OTHER).exists()
 
@@ -153,3 +154,38 @@ def test_segments_of_the_first_format_are_replayed(tmp_path: Path) -> None:
     assert (stats.segments, stats.committed, stats.restored) == (1, 1, 1)
     assert spool.path(RELATIVE).read_bytes() == data
     assert not segment.exists()
+
+
+def test_a_commit_whose_file_is_incomplete_was_not_acknowledged(tmp_path: Path) -> None:
+    """Both flushes run at once; a stop between them leaves a commit of a torn file."""
+    spool = Spool(tmp_path / "spool")
+    journal = Journal(spool)
+    incoming = _receive(journal, b"whole data set" * 100, RELATIVE)
+    Path(incoming.name).write_bytes(b"whole data set" * 50)  # what reached the disk
+    stats = Journal(spool).replay()
+    assert stats.unfinished == [RELATIVE] and stats.restored == 0
+    assert not spool.path(RELATIVE).exists() and not Path(incoming.name).exists()
+
+
+@pytest.mark.skipif(not ParallelFlush.available(), reason="no Linux native AIO here")
+def test_parallel_flush_flushes_and_reports_errors(tmp_path: Path) -> None:
+    flush = ParallelFlush()
+    try:
+        with (tmp_path / "file").open("wb") as fh:
+            fh.write(b"data")
+            assert flush.start(fh.fileno())
+            flush.wait()
+        with pytest.raises(OSError):
+            flush.start(987654)  # not a file descriptor
+        assert ParallelFlush.available()
+    finally:
+        flush.close()
+
+
+def test_commit_without_parallel_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ParallelFlush, "_disabled", True)
+    spool = Spool(tmp_path / "spool")
+    journal = Journal(spool)
+    _receive(journal, b"serial" * 100, RELATIVE)
+    stats = Journal(spool).replay()
+    assert stats.restored == 1 and spool.path(RELATIVE).read_bytes() == b"serial" * 100

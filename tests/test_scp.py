@@ -398,7 +398,19 @@ def test_path_traversal_uids_write_nothing_outside_the_spool(node: Node, tmp_pat
                for p in after - before if p.is_file())
 
 
-def test_uid_mismatch_and_missing_uids_are_refused(node: Node, tmp_path: Path) -> None:
+@pytest.fixture
+def small_pdu_node(tmp_path: Path) -> Iterator[Node]:
+    """A node accepting PDUs of 16 KiB: data sets arrive in many fragments."""
+    config = load(write_config(tmp_path / "node", node_extra="  max_pdu_length: 16384\n"))
+    with running_node(config) as running:
+        yield running
+
+
+@pytest.mark.parametrize("size", [64, 256], ids=["header-at-the-end", "header-read-early"])
+def test_uid_mismatch_and_missing_uids_are_refused(
+    small_pdu_node: Node, tmp_path: Path, size: int
+) -> None:
+    node = small_pdu_node
     host, port = node.address
     study, series = generate_uid(), generate_uid()
     cases = {}
@@ -408,7 +420,7 @@ def test_uid_mismatch_and_missing_uids_are_refused(node: Node, tmp_path: Path) -
         ("class", None, "1.2.840.10008.5.1.4.1.1.7"),
     ):
         ds = mr_dataset(study_uid=study, series_uid=series, sop_uid=generate_uid(),
-                        frame_uid=generate_uid(), index=0)
+                        frame_uid=generate_uid(), index=0, size=size)
         ds.file_meta.MediaStorageSOPInstanceUID = meta_sop or ds.SOPInstanceUID
         ds.file_meta.MediaStorageSOPClassUID = meta_class
         path = tmp_path / f"{name}.dcm"
@@ -418,7 +430,7 @@ def test_uid_mismatch_and_missing_uids_are_refused(node: Node, tmp_path: Path) -
         ds.save_as(path, enforce_file_format=False)
         cases[name] = path
     missing = mr_dataset(study_uid=study, series_uid=series, sop_uid=generate_uid(),
-                         frame_uid=generate_uid(), index=1)
+                         frame_uid=generate_uid(), index=1, size=size)
     del missing.StudyInstanceUID
     ae = scu_ae()
     ae.add_requested_context(MR, ExplicitVRLittleEndian)
