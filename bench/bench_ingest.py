@@ -258,6 +258,15 @@ def run_once(
     return expected / elapsed
 
 
+def free_memory_mb() -> int:
+    """``MemFree`` of ``/proc/meminfo`` in MB (0 where there is none)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemFree:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
 def disk_ceiling(work: Path, count: int, size: int) -> float:
     """Files per second the disk takes when each one is written and fdatasynced (and, like the
     node does, its pages are then dropped from the page cache)."""
@@ -321,6 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     global RECEIVE_PROCESSES
     RECEIVE_PROCESSES = args.receive_processes
     console.print(f"opmri-node runs with node.receive_processes = {RECEIVE_PROCESSES}")
+    console.print(
+        f"memory never used by the page cache at start: {free_memory_mb()} MB (on a virtual "
+        "machine, page cache growing into it can cost the host's page faults: receivers that "
+        "keep what they write cached, like storescp, slow down)"
+    )
     # SIGTERM unwinds like Ctrl-C, so that receivers started by the benchmark are stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 

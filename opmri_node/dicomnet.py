@@ -21,6 +21,8 @@ classes. The classes here change what happens around them:
   no copies, decoding or state machine event for the bulk of a C-STORE.
 * A complete C-STORE request becomes its primitive without pydicom's conversion of each
   command element (:func:`c_store_rq_primitive`; anything unusual takes pynetdicom's path).
+* A plain C-STORE request is served without pynetdicom's per-request service class machinery
+  (:meth:`NodeAssociation._serve_plain_store`; the handler and the response are the same).
 * C-STORE responses are encoded directly (:func:`encode_c_store_rsp`), a fixed group of
   seven elements, instead of through a pydicom Dataset.
 * :class:`NodeAssociationServer` sets ``TCP_NODELAY`` on every accepted connection, closes
@@ -48,6 +50,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from pydicom.uid import UID
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
@@ -56,6 +59,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import (
     AssociationSocket,
     RequestHandler,
@@ -366,6 +371,7 @@ class NodeAssociation(Association):
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
+        self._storage_service: StorageServiceClass | None = None
         self.dul = NodeDUL(self)
         self.dul.artim_timer.timeout = self.acse_timeout
         self.dul._idle_timer.timeout = self.network_timeout
@@ -411,6 +417,61 @@ class NodeAssociation(Association):
     def _bind_defaults(self) -> None:
         for event in evt._INTERVENTION_EVENTS:
             self.bind(event, evt.get_default_handler(event))
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        if isinstance(msg, PlainCStore) and self._serve_plain_store(msg, context_id):
+            return
+        super()._serve_request(msg, context_id)
+
+    def _serve_plain_store(self, request: PlainCStore, context_id: int) -> bool:
+        """Serve a plain C-STORE request as pynetdicom's Storage SCP does, without its
+        per-request machinery (service class lookup and instance, UID setters validating the
+        UIDs again, event dispatch): the ``EVT_C_STORE`` handler, then the response.
+
+        Returns False, having done nothing, for anything pynetdicom would treat otherwise.
+        """
+        class_uid = request.AffectedSOPClassUID
+        context = self._accepted_cx.get(context_id)
+        handler, args = cast(
+            tuple[Callable[..., Any] | None, list[Any] | None],
+            self.get_handlers(evt.EVT_C_STORE),
+        )
+        if (
+            self._sent_release
+            or context is None
+            or handler is None
+            or class_uid is None
+            or request._dataset_file is not None
+            or pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE
+            or class_uid in self.acceptor.accepted_common_extended
+            or uid_to_service_class(class_uid) is not StorageServiceClass
+        ):
+            return False
+        response = C_STORE()
+        response.MessageID = request.MessageID
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response._affected_sop_instance_uid = request.AffectedSOPInstanceUID
+        response._affected_sop_class_uid = class_uid
+        event = evt.Event(self, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+        self.dimse.cancel_req = {}
+        self._is_paused = True
+        try:
+            status = handler(event, *args) if args is not None else handler(event)
+        except Exception as exc:
+            LOGGER.error("exception in the C-STORE handler: %s", type(exc).__name__)
+            LOGGER.debug("C-STORE handler error", exc_info=exc)
+            status = 0xC211
+        finally:
+            self._is_paused = False
+            self.dimse.cancel_req = {}
+        if not self.is_established:  # the handler aborted or released
+            return True
+        service = self._storage_service
+        if service is None:
+            service = self._storage_service = StorageServiceClass(self)
+        response = service.validate_status(status, response)
+        self.dimse.send_msg(response, context_id)
+        return True
 
     def run(self) -> None:
         try:
@@ -535,6 +596,11 @@ def _message_to_primitive(message: DIMSEMessage) -> Any:
     return type(message).message_to_primitive(message)
 
 
+class PlainCStore(C_STORE):
+    """A C-STORE request built by :func:`c_store_rq_primitive` (served by
+    :meth:`NodeAssociation._serve_plain_store`)."""
+
+
 def c_store_rq_primitive(message: DIMSEMessage) -> C_STORE | None:
     """The C-STORE primitive of a complete C-STORE-RQ message, or ``None`` (see above)."""
     if not isinstance(message, C_STORE_RQ):
@@ -551,7 +617,7 @@ def c_store_rq_primitive(message: DIMSEMessage) -> C_STORE | None:
     sop_instance = raw_text(getattr(command.get_item(0x00001000), "value", None))
     if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
         return None
-    primitive = C_STORE()
+    primitive = PlainCStore()
     primitive.MessageID = message_id
     # checked above: pynetdicom's setters would validate them again with pydicom
     primitive._affected_sop_class_uid = UID(sop_class)

@@ -5,16 +5,17 @@ after the rename. The listener instead writes each instance, while it arrives, i
 file taken from an :class:`~opmri_node.spool.IncomingPool` (its name in ``spool/incoming`` is
 durable already) and, once the instance is accepted:
 
-1. flushes the file (``fdatasync``: its bytes and size);
-2. appends a *commit frame* to the association's journal segment
-   (``spool/journal/<uuid>.seg``) naming the incoming file, the spool path it goes to, its size
-   and CRC-32, and flushes the segment (``fdatasync``);
-3. renames the file into its study folder, unflushed, records it in the state database and
-   acknowledges it.
+1. flushes the file (``fdatasync``: its bytes and size) and, at the same time (Linux native
+   AIO; one after the other where that is missing), appends a *commit frame* to the
+   association's journal segment (``spool/journal/<uuid>.seg``) naming the incoming file, the
+   spool path it goes to, its size and CRC-32, and flushes the segment (``fdatasync``);
+2. once both flushes have ended, renames the file into its study folder, unflushed, records
+   it in the state database and acknowledges it.
 
 So an acknowledged instance is, whatever happens afterwards, in a flushed file named by a
 flushed commit frame: at its spool path or, if the rename did not reach the disk, still in
-``incoming/``.
+``incoming/``. A stop between the two flushes may leave a commit whose file is not complete;
+its size and CRC-32 show that, and it had not been acknowledged.
 
 A segment is *retired* when its association ends or the instances it commits pass a size
 limit. The :class:`Checkpointer` thread then flushes the file system holding the spool

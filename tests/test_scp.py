@@ -13,6 +13,7 @@ import psutil
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -21,12 +22,12 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import P_DATA
 
-from opmri_node.dicomnet import BoundedSocket
+from opmri_node.dicomnet import BoundedSocket, NodeAssociationServer
 from opmri_node.service import Node
 from opmri_node.spool import file_layout
 from opmri_node.state import StateDB
@@ -341,6 +342,52 @@ def test_bounded_socket_reads_put_back_bytes_first() -> None:
         assert sock.recv(6) == b"123def"
         right.sendall(b"gh")
         assert sock.recv(2) == b"gh"
+
+
+def test_plain_store_handler_errors_and_statuses_reach_the_peer() -> None:
+    """The node's own C-STORE service path gives pynetdicom's answers: a handler that raises is
+    0xC211 and the association goes on; a Dataset status keeps its error comment."""
+    calls: list[str] = []
+
+    def on_store(event: evt.Event) -> int | Dataset:
+        calls.append(str(event.request.AffectedSOPInstanceUID))
+        if len(calls) == 1:
+            raise RuntimeError("handler failure")
+        if len(calls) == 2:
+            status = Dataset()
+            status.Status = 0xA900
+            status.ErrorComment = "kept"
+            return status
+        return 0x0000
+
+    scp = AE(ae_title="NODE")
+    scp.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+    server = scp.make_server(
+        ("127.0.0.1", 0), evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        server_class=NodeAssociationServer, max_pdu_length=16384, max_connections=4,
+    )
+    scp._servers.append(server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="NODE")
+        assert assoc.is_established
+        source = dcmread(get_testdata_file("MR_small.dcm"))
+        source.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        answers = []
+        for index in range(3):
+            source.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{index + 1}"
+            answers.append(assoc.send_c_store(source))
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [answer.Status for answer in answers] == [0xC211, 0xA900, 0x0000]
+    assert answers[1].ErrorComment == "kept"
+    assert calls == [f"1.2.826.0.1.3680043.8.498.{i}" for i in (1, 2, 3)]
 
 
 def test_idle_and_slow_clients_do_not_block_others(tmp_path: Path) -> None:
