@@ -6,7 +6,8 @@ classes. The classes here change what happens around them:
 * :class:`BoundedSocket` refuses a PDU whose header claims more than the node's limit before
   reading its body (pynetdicom itself would keep reading whatever length a header claims),
   gives every PDU a deadline (a client trickling bytes cannot hold a thread forever) and reads
-  into one preallocated buffer instead of 4 KiB pieces.
+  ahead into one buffer, a system call per read taking whatever has arrived (often several
+  PDUs), instead of pynetdicom's 4 KiB pieces and a poll before each.
 * :class:`NodeDUL` and :class:`NodeAssociation` wait for the socket or a queue instead of
   polling with 1 ms sleeps (a C-STORE round trip no longer pays several milliseconds of
   sleeps), and an acceptor whose connection failed before association stops waiting at once.
@@ -17,8 +18,9 @@ classes. The classes here change what happens around them:
 * :attr:`NodeAssociation.on_pdata` lets the listener take each P-DATA's share of a data set
   out of memory while the message is still arriving, and
   :attr:`NodeAssociation.on_data_fragment` lets it take a P-DATA-TF PDU that carries one
-  fragment of a data set straight from the socket's buffer (:meth:`NodeDUL._read_pdu_data`):
-  no copies, decoding or state machine event for the bulk of a C-STORE.
+  fragment of a data set straight from the read buffer (:meth:`NodeDUL._read_pdu_data`), one
+  after the other while they keep arriving: no copies, decoding, state machine event or
+  reactor round for the bulk of a C-STORE.
 * A complete C-STORE request becomes its primitive without pydicom's conversion of each
   command element (:func:`c_store_rq_primitive`; anything unusual takes pynetdicom's path).
 * A plain C-STORE request is served without pynetdicom's per-request service class machinery
@@ -39,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import queue
 import select
 import socket
@@ -78,6 +81,11 @@ _EMPTY_PDATA_HEADER: Final[bytes] = b"\x04\x00" + (6).to_bytes(4, "big")
 """A P-DATA-TF PDU header for one PDV with no data: 4 length bytes, context ID, control."""
 _EMPTY_PDV_LENGTH: Final[bytes] = (2).to_bytes(4, "big")
 
+_READ_AHEAD: Final[int] = 256 * 1024
+"""Initial size of an association's read buffer (grown for longer PDUs, up to the bound)."""
+_NO_DEADLINE_S: Final[float] = 7 * 24 * 3600.0
+"""Socket timeout where the node sets none (the socket must have one to be non-blocking)."""
+
 _WAIT_S: Final[float] = 0.05
 """Longest a reactor sleeps without news (bounds timer checks and shutdown latency)."""
 
@@ -93,7 +101,14 @@ def enable_nodelay(sock: socket.socket) -> None:
 
 
 class BoundedSocket(AssociationSocket):
-    """An :class:`AssociationSocket` with a bound on PDU length and a deadline per read."""
+    """An :class:`AssociationSocket` with a bound on PDU length, a deadline per read and a
+    read-ahead buffer.
+
+    Reads go into one buffer (grown up to the PDU bound when a PDU needs it) with one system
+    call per read and take whatever the connection holds, so consecutive PDUs usually arrive
+    with a single read; :meth:`peek` and :meth:`consume` let the DUL hand a PDU's bytes on
+    without copying them.
+    """
 
     def __init__(
         self,
@@ -109,11 +124,31 @@ class BoundedSocket(AssociationSocket):
         self.read_timeout = read_timeout
         self.failed = False
         """Set once a read failed: the connection is unusable."""
-        self._pending = bytearray()
+        self._buffer = bytearray(min(_READ_AHEAD, self.max_read))
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self._closed = False
+        """The peer closed its side (or reading failed): nothing more will be read."""
+        self._tls = isinstance(client_socket, ssl.SSLSocket)
+        self._timeout = read_timeout if read_timeout else _NO_DEADLINE_S
+        # a socket with a timeout is non-blocking underneath: a read returns at once, and
+        # waiting is done here (sends keep Python's own wait, bounded by this timeout)
+        client_socket.settimeout(self._timeout)
 
-    def unread(self, data: bytes | bytearray) -> None:
-        """Put bytes back: the next reads return them before anything from the socket."""
-        self._pending[:0] = data
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the connection and not yet taken."""
+        return self._end - self._start
+
+    @property
+    def ready(self) -> bool:
+        """True if bytes are buffered or arrived (or the connection ended: reading tells)."""
+        if self._end > self._start:
+            return True
+        if self.socket is None or self._is_connected is False:
+            return False
+        return self._closed or self._read_some(0.0)
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only if the peer closed the connection).
@@ -130,41 +165,105 @@ class BoundedSocket(AssociationSocket):
                 self.max_read,
             )
             raise PDUTooLongError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.max_read}")
-        sock = cast(socket.socket, self.socket)
-        pending = self._pending
-        if pending:
-            if len(pending) >= nr_bytes:
-                taken = pending[:nr_bytes]
-                del pending[:nr_bytes]
-                return taken
-            buffer = bytearray(nr_bytes)
-            buffer[: len(pending)] = pending
-            received = len(pending)
-            pending.clear()
-        else:
-            buffer = bytearray(nr_bytes)
-            received = 0
-        view = memoryview(buffer)
+        self._fill(nr_bytes)
+        start = self._start
+        taken = min(nr_bytes, self._end - start)
+        self._start = start + taken
+        return self._buffer[start : start + taken]
+
+    def peek(self, nr_bytes: int) -> memoryview:
+        """The next ``nr_bytes`` (fewer only if the peer closed the connection), left in the
+        buffer; valid until the next read. ``nr_bytes`` must be within :attr:`max_read`."""
+        self._fill(nr_bytes)
+        start = self._start
+        return self._view[start : min(start + nr_bytes, self._end)]
+
+    def consume(self, nr_bytes: int) -> None:
+        """Drop ``nr_bytes`` of the buffered bytes (as many as :meth:`peek` returned)."""
+        self._start = min(self._start + nr_bytes, self._end)
+
+    def overwrite(self, offset: int, data: bytes) -> None:
+        """Replace buffered bytes at ``offset`` from the next unread one."""
+        position = self._start + offset
+        if position < self._start or position + len(data) > self._end:
+            raise ValueError("only buffered bytes can be replaced")
+        self._view[position : position + len(data)] = data
+
+    def _fill(self, nr_bytes: int) -> None:
+        """Read until ``nr_bytes`` are buffered or the connection ends."""
+        if self._end - self._start >= nr_bytes:
+            return
+        self._make_room(nr_bytes)
         deadline = None if self.read_timeout is None else time.monotonic() + self.read_timeout
-        while received < nr_bytes:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.failed = True
-                    raise TimeoutError("the peer did not send a complete PDU in time")
-                sock.settimeout(remaining)
-            try:
-                count = sock.recv_into(view[received:], nr_bytes - received)
-            except OSError:
+        while self._end - self._start < nr_bytes and not self._closed:
+            if deadline is None:
+                self._read_some(None)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._read_some(remaining):
                 self.failed = True
-                raise
-            if count == 0:
-                self.failed = True
-                del view
-                return buffer[:received]
-            received += count
-        del view
-        return buffer
+                raise TimeoutError("the peer did not send a complete PDU in time")
+
+    def _make_room(self, nr_bytes: int) -> None:
+        """Make the free space after the buffered bytes hold ``nr_bytes`` in all."""
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = start = end = 0
+        if start + nr_bytes <= len(self._buffer):
+            return
+        held = end - start
+        if nr_bytes <= len(self._buffer):
+            self._view[:held] = self._view[start:end]  # memmove: the ranges may overlap
+        else:
+            grown = bytearray(min(max(nr_bytes, 2 * len(self._buffer)), self.max_read))
+            grown[:held] = self._view[start:end]
+            self._buffer = grown
+            self._view = memoryview(grown)
+        self._start, self._end = 0, held
+
+    def _read_some(self, timeout: float | None) -> bool:
+        """One read into the free space; False if nothing arrived within ``timeout`` (0: do
+        not wait, None: no limit). The end of the connection counts as an arrival."""
+        sock = self.socket
+        if sock is None:
+            self._closed = self.failed = True
+            return True
+        if self._end == len(self._buffer):
+            self._make_room(self._end - self._start + 1)
+        free = self._view[self._end :]
+        try:
+            while True:
+                try:
+                    if self._tls:
+                        sock.settimeout(timeout)
+                        try:
+                            count = sock.recv_into(free)
+                        finally:
+                            sock.settimeout(self._timeout)
+                    else:
+                        count = os.readv(sock.fileno(), [free])
+                    break
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    if timeout == 0.0:
+                        return False
+                    if self._tls:
+                        raise TimeoutError from None
+                    ready, _, _ = select.select([sock], [], [], timeout)
+                    if not ready:
+                        return False
+                except InterruptedError:
+                    continue
+        except TimeoutError:
+            return False
+        except (OSError, ValueError):
+            self._closed = self.failed = True
+            return True
+        finally:
+            free.release()
+        if count == 0:
+            self._closed = self.failed = True
+        self._end += count
+        return True
 
 
 class NodeDUL(DULServiceProvider):
@@ -202,18 +301,22 @@ class NodeDUL(DULServiceProvider):
         assoc_sock = self.socket
         raw = assoc_sock.socket if assoc_sock is not None else None
         if raw is not None and getattr(assoc_sock, "_is_connected", False):
+            if isinstance(assoc_sock, BoundedSocket) and assoc_sock.buffered:
+                return
             if isinstance(raw, ssl.SSLSocket) and raw.pending():
                 return
             readers.append(raw)
         try:
-            select.select(readers, [], [], _WAIT_S)
+            ready, _, _ = select.select(readers, [], [], _WAIT_S)
         except (OSError, ValueError):  # the socket was closed under us
             time.sleep(0.001)
-        try:
-            while self._wake_r.recv(4096):
+            ready = [self._wake_r]
+        if self._wake_r in ready:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
 
     def run_reactor(self) -> None:
         """pynetdicom's DUL loop with :meth:`_wait_for_work` in place of ``time.sleep``."""
@@ -245,13 +348,15 @@ class NodeDUL(DULServiceProvider):
             self._wake_w.close()
 
     def _read_pdu_data(self) -> None:
-        """Read one PDU; a P-DATA-TF with one data set fragment may go to
+        """Read one PDU; P-DATA-TF PDUs with one data set fragment each may go to
         :attr:`NodeAssociation.on_data_fragment` instead of pynetdicom (a last fragment taken
         is replaced by an empty one, which pynetdicom reads to complete the message).
 
-        Anything else (other PDU types, command fragments, several PDVs, a fragment the hook
-        declines, other states, bound PDU events, read errors) is put back and read by
-        pynetdicom's own method, so it behaves exactly as without this path.
+        Fragments are offered straight from the socket's read buffer, one after the other as
+        long as the next one has arrived already. Anything else (other PDU types, command
+        fragments, several PDVs, a fragment the hook declines, other states, bound PDU
+        events, a short read) is left in the buffer and read by pynetdicom's own method, so
+        it behaves exactly as without this path.
         """
         sock = self.socket
         assoc = self.assoc
@@ -265,37 +370,38 @@ class NodeDUL(DULServiceProvider):
         ):
             super()._read_pdu_data()
             return
-        try:
-            header = sock.recv(6)
-        except (OSError, TimeoutError) as exc:
-            self._transport_closed(exc)
-            return
-        if len(header) < 6 or header[0] != 0x04:
-            sock.unread(header)
-            super()._read_pdu_data()
-            return
-        length = int.from_bytes(header[2:6], "big")
-        if length < 6 or length + 6 > sock.max_read:
-            sock.unread(header)
-            super()._read_pdu_data()
-            return
-        try:
-            body = sock.recv(length)
-        except (OSError, TimeoutError) as exc:
-            self._transport_closed(exc)
-            return
-        if len(body) == length and int.from_bytes(body[0:4], "big") == length - 4:
-            context_id, control = body[4], body[5]
-            if control & 0x01 == 0:  # one PDV: a data set fragment
+        while True:
+            try:
+                with sock.peek(6) as header:
+                    if len(header) < 6 or header[0] != 0x04:
+                        break
+                    length = int.from_bytes(header[2:6], "big")
+                if length < 6 or length + 6 > sock.max_read:
+                    break
+                pdu = sock.peek(length + 6)
+            except (OSError, TimeoutError) as exc:
+                self._transport_closed(exc)
+                return
+            with pdu:
+                if len(pdu) < length + 6 or int.from_bytes(pdu[6:10], "big") != length - 4:
+                    break
+                context_id, control = pdu[10], pdu[11]
+                if control & 0x01:  # a command fragment
+                    break
                 last = bool(control & 0x02)
-                with memoryview(body) as view, view[6:] as fragment:
+                with pdu[12:] as fragment:
                     taken = hook(assoc, context_id, fragment, last)
-                if taken and not last:
-                    return
-                if taken:  # pynetdicom completes the message with an empty last fragment
-                    header = bytearray(_EMPTY_PDATA_HEADER)
-                    body = bytearray(_EMPTY_PDV_LENGTH + bytes((context_id, control)))
-        sock.unread(header + body)
+            if not taken:
+                break
+            if last:  # pynetdicom completes the message with an empty last fragment
+                sock.consume(length - 6)
+                sock.overwrite(
+                    0, _EMPTY_PDATA_HEADER + _EMPTY_PDV_LENGTH + bytes((context_id, control))
+                )
+                break
+            sock.consume(length + 6)
+            if self._kill_thread or not self.to_provider_queue.empty() or not sock.ready:
+                return  # back to the reactor: the next PDU has not arrived, or work waits
         super()._read_pdu_data()
 
     def _transport_closed(self, exc: BaseException) -> None:

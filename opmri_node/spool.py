@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -148,6 +148,90 @@ def _parse_header(
     A prefix of a data set may end inside a value, which pydicom would return truncated; only
     when reading stopped at an element after (0020,000E) are the values known to be whole.
     """
+    scanned = _scan_header(raw, ts.is_implicit_VR) if ts.is_little_endian else None
+    found: Mapping[int, object]
+    if scanned is not None:
+        found, reached_end = scanned
+    else:
+        found, reached_end = _read_header_elements(raw, ts)
+    values = {
+        "sop_class_uid": raw_text(found.get(int(_SOP_CLASS))),
+        "sop_instance_uid": raw_text(found.get(int(_SOP_INSTANCE))),
+        "study_uid": raw_text(found.get(int(_STUDY))),
+        "series_uid": raw_text(found.get(int(_SERIES))),
+    }
+    modality = raw_text(found.get(int(_MODALITY)))
+    if complete_only and not reached_end:
+        raise HeaderError("the header does not end within the prefix")
+    names = {
+        "sop_class_uid": "SOP Class UID",
+        "sop_instance_uid": "SOP Instance UID",
+        "study_uid": "Study Instance UID",
+        "series_uid": "Series Instance UID",
+    }
+    for field, value in values.items():
+        if not value:
+            raise HeaderError(f"the data set has no {names[field]}")
+        if not is_valid_uid(value):
+            raise HeaderError(f"the data set's {names[field]} is not a valid UID")
+    return InstanceHeader(modality=modality[:16], **values)
+
+
+_LONG_VRS: Final[frozenset[bytes]] = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+_SHORT_VRS: Final[frozenset[bytes]] = frozenset(
+    (b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
+     b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US")
+)
+_HEADER_TAG_SET: Final[frozenset[int]] = frozenset(int(tag) for tag in _HEADER_TAGS)
+_TAG_LE: Final[struct.Struct] = struct.Struct("<HH")
+_IMPLICIT_LE: Final[struct.Struct] = struct.Struct("<HHI")
+_EXPLICIT_LONG_LENGTH: Final[struct.Struct] = struct.Struct("<I")
+_EXPLICIT_SHORT_LENGTH: Final[struct.Struct] = struct.Struct("<H")
+
+
+def _scan_header(raw: bytes | memoryview, implicit: bool) -> tuple[dict[int, bytes], bool] | None:
+    """The header elements of a little endian data set, read element by element without
+    pydicom, and whether reading went past them; ``None`` where this simple reader does not
+    apply (an undefined length or an unknown VR before the end of the header), for pydicom's
+    reader to take over. Values are raw bytes, as pydicom's reader gives them."""
+    found: dict[int, bytes] = {}
+    size = len(raw)
+    position = 0
+    while position + 8 <= size:
+        group, element = _TAG_LE.unpack_from(raw, position)
+        tag = group << 16 | element
+        if tag > _LAST_HEADER_TAG:
+            return found, True
+        if implicit:
+            length = _IMPLICIT_LE.unpack_from(raw, position)[2]
+            start = position + 8
+        else:
+            vr = bytes(raw[position + 4 : position + 6])
+            if vr in _SHORT_VRS:
+                length = _EXPLICIT_SHORT_LENGTH.unpack_from(raw, position + 6)[0]
+                start = position + 8
+            elif vr in _LONG_VRS:
+                if position + 12 > size:
+                    break
+                length = _EXPLICIT_LONG_LENGTH.unpack_from(raw, position + 8)[0]
+                start = position + 12
+            else:
+                return None
+        if length == 0xFFFFFFFF:
+            return None
+        end = start + length
+        if end > size:
+            break  # the data ends inside this element
+        if tag in _HEADER_TAG_SET:
+            found[tag] = bytes(raw[start:end])
+        position = end
+    return found, False
+
+
+def _read_header_elements(raw: bytes | memoryview, ts: UID) -> tuple[dict[int, object], bool]:
+    """The header elements read by pydicom's element reader, and whether it read past them."""
     reached_end = False
 
     def after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -173,27 +257,7 @@ def _parse_header(
         raise HeaderError("the data set header is nested too deeply or too large") from None
     except Exception:
         raise HeaderError("the data set header cannot be parsed") from None
-    values = {
-        "sop_class_uid": raw_text(found.get(int(_SOP_CLASS))),
-        "sop_instance_uid": raw_text(found.get(int(_SOP_INSTANCE))),
-        "study_uid": raw_text(found.get(int(_STUDY))),
-        "series_uid": raw_text(found.get(int(_SERIES))),
-    }
-    modality = raw_text(found.get(int(_MODALITY)))
-    if complete_only and not reached_end:
-        raise HeaderError("the header does not end within the prefix")
-    names = {
-        "sop_class_uid": "SOP Class UID",
-        "sop_instance_uid": "SOP Instance UID",
-        "study_uid": "Study Instance UID",
-        "series_uid": "Series Instance UID",
-    }
-    for field, value in values.items():
-        if not value:
-            raise HeaderError(f"the data set has no {names[field]}")
-        if not is_valid_uid(value):
-            raise HeaderError(f"the data set's {names[field]} is not a valid UID")
-    return InstanceHeader(modality=modality[:16], **values)
+    return found, reached_end
 
 
 def raw_text(value: object) -> str:
@@ -699,11 +763,6 @@ def file_layout(path: Path) -> tuple[int, str]:
         if fh.read(132)[128:] != b"DICM":
             raise HeaderError("not a DICOM file with a preamble")
         return _walk_file_meta(fh)
-
-
-_LONG_VRS: Final[frozenset[bytes]] = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT")
-)
 
 
 def _walk_file_meta(fh: BinaryIO) -> tuple[int, str]:

@@ -27,7 +27,12 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import P_DATA
 
-from opmri_node.dicomnet import BoundedSocket, NodeAssociationServer
+from opmri_node.dicomnet import (
+    ASSOCIATE_PDU_LIMIT,
+    BoundedSocket,
+    NodeAssociationServer,
+    PDUTooLongError,
+)
 from opmri_node.service import Node
 from opmri_node.spool import file_layout
 from opmri_node.state import StateDB
@@ -329,19 +334,57 @@ def test_data_set_fragments_in_any_packing_are_stored_byte_for_byte(tmp_path: Pa
         assert _partial_writes(node.spool.incoming) == []  # type: ignore[union-attr]
 
 
-def test_bounded_socket_reads_put_back_bytes_first() -> None:
+def test_bounded_socket_buffers_reads_and_hands_out_views() -> None:
+    """Reads go through one buffer: peeked bytes stay until consumed, replaced bytes are read,
+    the buffer moves what is left to its start and grows for a PDU longer than it, and the
+    bytes always come out in the order they were sent."""
+    left, right = socket.socketpair()
+    with left, right:
+        sock = BoundedSocket(Association(AE(), "acceptor"), left,
+                             max_pdu_length=2 * 1024 * 1024, read_timeout=5)
+        assert not sock.ready
+        right.sendall(b"abcdef")
+        assert sock.ready
+        assert sock.recv(2) == b"ab"
+        assert sock.buffered == 4
+        with sock.peek(3) as view:
+            assert bytes(view) == b"cde"
+        sock.overwrite(1, b"X")
+        assert sock.recv(3) == b"cXe"
+        sock.consume(1)
+        assert sock.buffered == 0
+        sent = bytes(range(256)) * 4096 * 3  # 3 MiB, longer than the first buffer
+        received = bytearray()
+        writer = threading.Thread(target=right.sendall, args=(sent,))
+        writer.start()
+        sizes = [5, 300_000, 1, 2 * 1024 * 1024, 7]
+        for size in sizes:
+            with sock.peek(size) as view:
+                assert len(view) == size
+                received += view
+            sock.consume(size)
+        received += sock.recv(len(sent) - len(received))
+        writer.join()
+        assert bytes(received) == sent
+        right.sendall(b"gh")
+        right.shutdown(socket.SHUT_WR)
+        assert sock.recv(4) == b"gh"  # fewer: the peer closed the connection
+        assert sock.failed
+
+
+def test_bounded_socket_limits_pdu_length_and_read_time() -> None:
     left, right = socket.socketpair()
     with left, right:
         sock = BoundedSocket(Association(AE(), "acceptor"), left, max_pdu_length=4096,
-                             read_timeout=5)
-        right.sendall(b"abcdef")
-        assert sock.recv(2) == b"ab"
-        sock.unread(b"xy")
-        assert sock.recv(3) == b"xyc"
-        sock.unread(b"123")
-        assert sock.recv(6) == b"123def"
-        right.sendall(b"gh")
-        assert sock.recv(2) == b"gh"
+                             read_timeout=0.3)
+        with pytest.raises(PDUTooLongError):
+            sock.recv(ASSOCIATE_PDU_LIMIT + 7)
+        right.sendall(b"abc")
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            sock.recv(4)
+        assert 0.25 < time.monotonic() - started < 3
+        assert sock.failed
 
 
 def test_plain_store_handler_errors_and_statuses_reach_the_peer() -> None:

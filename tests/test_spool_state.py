@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -33,9 +34,12 @@ from opmri_node.spool import (
     HeaderError,
     Spool,
     SpoolFullError,
+    _read_header_elements,
+    _scan_header,
     encode_file_meta,
     instance_key,
     is_valid_uid,
+    raw_text,
     read_header,
     read_stored_header,
 )
@@ -154,6 +158,58 @@ def test_header_of_pydicom_test_files(name: str) -> None:
     assert header.sop_class_uid == reference.SOPClassUID
     assert header.study_uid == reference.StudyInstanceUID
     assert header.series_uid == reference.SeriesInstanceUID
+
+
+@pytest.mark.parametrize(
+    "name", ["MR_small.dcm", "MR_small_implicit.dcm", "JPEG-lossy.dcm", "CT_small.dcm"]
+)
+def test_simple_header_reader_agrees_with_pydicoms_at_every_cut(name: str) -> None:
+    """The node's own element reader gives pydicom's values and end-of-header verdict for
+    every prefix of a data set, whole or cut inside an element or between elements."""
+    data, ts = dataset_bytes(Path(get_testdata_file(name)))
+    uid = UID(ts)
+    for cut in range(0, min(len(data), 4096)):
+        prefix = data[:cut]
+        scanned = _scan_header(prefix, uid.is_implicit_VR)
+        if scanned is None:  # an undefined length: pydicom's reader reads this one
+            assert name == "JPEG-lossy.dcm"
+            continue
+        found, reached = scanned
+        try:
+            reference, reference_reached = _read_header_elements(prefix, uid)
+        except HeaderError:  # pydicom fails inside a cut sequence: the header is not whole
+            assert not reached, cut
+            continue
+        assert reached == reference_reached, cut
+        ours = {k: raw_text(v) for k, v in found.items()}
+        theirs = {k: raw_text(v) for k, v in reference.items() if k != 0x00080005}
+        if reached:
+            assert ours == theirs, cut
+        else:  # pydicom also returns the cut value of the last element, the node drops it
+            assert ours.items() <= theirs.items(), cut
+            assert len(theirs) - len(ours) <= 1, cut
+
+
+def test_header_with_an_undefined_length_sequence_is_read_by_pydicom() -> None:
+    ds = mr_dataset(
+        study_uid=generate_uid(), series_uid=generate_uid(), sop_uid=generate_uid(),
+        frame_uid=generate_uid(), index=0,
+    )
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = generate_uid()
+    ds.ReferencedImageSequence = [item]  # (0008,1140): before the UIDs of group 0020
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    raw = buffer.getvalue()
+    data = raw[raw.index(b"\x08\x00\x05\x00"):]
+    sequence = data.index(b"\x08\x00\x40\x11SQ")
+    assert data[sequence + 8 : sequence + 12] == b"\xff\xff\xff\xff"  # undefined length
+    assert _scan_header(data, implicit=False) is None
+    header = read_header(data, ExplicitVRLittleEndian)
+    assert header.study_uid == ds.StudyInstanceUID
+    assert header.sop_instance_uid == ds.SOPInstanceUID
 
 
 def test_header_prefix_never_returns_a_truncated_uid(tmp_path: Path) -> None:
