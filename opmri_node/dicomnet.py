@@ -15,18 +15,22 @@ classes. The classes here change what happens around them:
   (:class:`_InlineStoreQueue`), when nothing else is queued or being served: reading the
   request, storing the instance and sending the response then need no hand-off between
   threads, each of which costs a scheduler wake-up (several milliseconds on a busy machine).
-* :attr:`NodeAssociation.on_pdata` lets the listener take each P-DATA's share of a data set
-  out of memory while the message is still arriving, and
-  :attr:`NodeAssociation.on_data_fragment` lets it take a P-DATA-TF PDU that carries one
-  fragment of a data set straight from the read buffer (:meth:`NodeDUL._read_pdu_data`), one
-  after the other while they keep arriving: no copies, decoding, state machine event or
-  reactor round for the bulk of a C-STORE.
-* A complete C-STORE request becomes its primitive without pydicom's conversion of each
-  command element (:func:`c_store_rq_primitive`; anything unusual takes pynetdicom's path).
+* A plain C-STORE-RQ whose command arrives in one P-DATA-TF is received by the DUL thread
+  itself (:class:`DirectStore`, :meth:`NodeDUL._read_pdu_data`): the command is read without
+  pydicom (:func:`parse_c_store_rq`), :attr:`NodeAssociation.on_store_command` opens the
+  listener's file, each data set fragment goes from the read buffer to
+  :attr:`NodeAssociation.on_data_fragment`, and the complete request is queued as pynetdicom
+  would queue it: no PDU decoding, state machine events, DIMSE decoding or copies for a
+  C-STORE. Anything unusual, also midway, is left (or handed) to pynetdicom, where
+  :attr:`NodeAssociation.on_pdata` lets the listener take each P-DATA's share of a data set
+  out of memory while the message is still arriving.
+* A complete C-STORE request of pynetdicom's path becomes its primitive without pydicom's
+  conversion of each command element (:func:`c_store_rq_primitive`).
 * A plain C-STORE request is served without pynetdicom's per-request service class machinery
   (:meth:`NodeAssociation._serve_plain_store`; the handler and the response are the same).
 * C-STORE responses are encoded directly (:func:`encode_c_store_rsp`), a fixed group of
-  seven elements, instead of through a pydicom Dataset.
+  seven elements, instead of through a pydicom Dataset, and sent by the DUL thread at once
+  when nothing else is queued for the peer.
 * :class:`NodeAssociationServer` sets ``TCP_NODELAY`` on every accepted connection, closes
   connections beyond a hard cap at once, and skips pynetdicom's per-message logging handlers
   (which are slow and write identifiers into the log).
@@ -50,6 +54,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any, Final, cast
 
 from pydicom.uid import UID
@@ -348,35 +354,43 @@ class NodeDUL(DULServiceProvider):
             self._wake_w.close()
 
     def _read_pdu_data(self) -> None:
-        """Read one PDU; P-DATA-TF PDUs with one data set fragment each may go to
-        :attr:`NodeAssociation.on_data_fragment` instead of pynetdicom (a last fragment taken
-        is replaced by an empty one, which pynetdicom reads to complete the message).
+        """Read one PDU, or take P-DATA-TF PDUs straight from the socket's read buffer.
 
-        Fragments are offered straight from the socket's read buffer, one after the other as
-        long as the next one has arrived already. Anything else (other PDU types, command
-        fragments, several PDVs, a fragment the hook declines, other states, bound PDU
-        events, a short read) is left in the buffer and read by pynetdicom's own method, so
-        it behaves exactly as without this path.
+        A plain C-STORE-RQ whose command arrives in one fragment is received here without
+        pynetdicom's PDU decoding, state machine and DIMSE decoding (a :class:`DirectStore`):
+        :attr:`NodeAssociation.on_store_command` is told of it, each data set fragment is
+        offered to :attr:`NodeAssociation.on_data_fragment` (kept in memory if declined), and
+        the complete request goes to the association's message queue as pynetdicom would put
+        it. A fragment of another message may go to ``on_data_fragment`` as well (a last
+        fragment taken is replaced by an empty one, which pynetdicom reads to complete the
+        message). PDUs are taken one after the other as long as the next has arrived.
+
+        Anything else (other PDU types, several PDVs in a PDU, other commands, a command in
+        several fragments, other states, bound PDU or DIMSE events, a short read) is left in
+        the buffer for pynetdicom's own method, a direct request in progress being handed to
+        pynetdicom first, so it behaves exactly as without this path.
         """
         sock = self.socket
         assoc = self.assoc
-        hook = getattr(assoc, "on_data_fragment", None)
         if (
-            hook is None
+            not isinstance(assoc, NodeAssociation)
             or not isinstance(sock, BoundedSocket)
             or self.state_machine.current_state != "Sta6"
-            or assoc._handlers.get(evt.EVT_DATA_RECV)
-            or assoc._handlers.get(evt.EVT_PDU_RECV)
+            or assoc.needs_every_pdu()
         ):
+            if isinstance(assoc, NodeAssociation):
+                assoc.hand_back_direct()
             super()._read_pdu_data()
             return
+        hook = assoc.on_data_fragment
         while True:
             try:
                 with sock.peek(6) as header:
-                    if len(header) < 6 or header[0] != 0x04:
+                    if len(header) < 6:
                         break
+                    pdu_type = header[0]
                     length = int.from_bytes(header[2:6], "big")
-                if length < 6 or length + 6 > sock.max_read:
+                if pdu_type != 0x04 or length < 6 or length + 6 > sock.max_read:
                     break
                 pdu = sock.peek(length + 6)
             except (OSError, TimeoutError) as exc:
@@ -384,25 +398,76 @@ class NodeDUL(DULServiceProvider):
                 return
             with pdu:
                 if len(pdu) < length + 6 or int.from_bytes(pdu[6:10], "big") != length - 4:
-                    break
+                    break  # a short read, or several PDVs
                 context_id, control = pdu[10], pdu[11]
+                direct = assoc._direct
                 if control & 0x01:  # a command fragment
-                    break
-                last = bool(control & 0x02)
-                with pdu[12:] as fragment:
-                    taken = hook(assoc, context_id, fragment, last)
-            if not taken:
-                break
-            if last:  # pynetdicom completes the message with an empty last fragment
-                sock.consume(length - 6)
-                sock.overwrite(
-                    0, _EMPTY_PDATA_HEADER + _EMPTY_PDV_LENGTH + bytes((context_id, control))
-                )
-                break
-            sock.consume(length + 6)
+                    if direct is not None or not control & 0x02:
+                        break
+                    with pdu[12:] as command:
+                        if not self._start_direct(assoc, context_id, command):
+                            break
+                    sock.consume(length + 6)
+                elif direct is not None:
+                    last = bool(control & 0x02)
+                    with pdu[12:] as fragment:
+                        if hook is None or not hook(assoc, context_id, fragment, last):
+                            direct.data.write(fragment)
+                    sock.consume(length + 6)
+                    if last:
+                        assoc._direct = None
+                        assoc.complete_direct(direct)
+                        return
+                else:
+                    if hook is None:
+                        break
+                    last = bool(control & 0x02)
+                    with pdu[12:] as fragment:
+                        taken = hook(assoc, context_id, fragment, last)
+                    if not taken:
+                        break
+                    if last:  # pynetdicom completes the message with an empty last fragment
+                        sock.consume(length - 6)
+                        sock.overwrite(
+                            0,
+                            _EMPTY_PDATA_HEADER + _EMPTY_PDV_LENGTH + bytes((context_id, control)),
+                        )
+                        break
+                    sock.consume(length + 6)
             if self._kill_thread or not self.to_provider_queue.empty() or not sock.ready:
                 return  # back to the reactor: the next PDU has not arrived, or work waits
+        assoc.hand_back_direct()
         super()._read_pdu_data()
+
+    def _start_direct(self, assoc: NodeAssociation, context_id: int, command: memoryview) -> bool:
+        """Begin a :class:`DirectStore` if ``command`` is a plain C-STORE-RQ that nothing else
+        waits for; False (nothing done) otherwise."""
+        callback = assoc.on_store_command
+        requests = assoc.dimse.msg_queue
+        if (
+            callback is None
+            or assoc.dimse.message is not None
+            or pynetdicom_config.STORE_RECV_CHUNKED_DATASET
+            or not assoc.is_established
+            or context_id not in assoc._accepted_cx
+        ):
+            return False
+        with requests.mutex:
+            if requests.unfinished_tasks:  # requests wait: this one queues behind them
+                return False
+        parsed = parse_c_store_rq(command)
+        if parsed is None:
+            return False
+        message_id, sop_class, sop_instance, priority = parsed
+        direct = DirectStore(
+            context_id, message_id, sop_class, sop_instance, priority, bytes(command)
+        )
+        assoc._direct = direct
+        try:
+            callback(assoc, direct)
+        except Exception:
+            LOGGER.exception("C-STORE command callback failed")
+        return True
 
     def _transport_closed(self, exc: BaseException) -> None:
         """What pynetdicom does when a PDU cannot be read: Evt17."""
@@ -428,6 +493,76 @@ class NodeDUL(DULServiceProvider):
         self.assoc.is_established = False
         self.assoc._kill = True
         self._kill_thread = True
+
+
+@dataclass(eq=False)
+class DirectStore:
+    """A C-STORE request whose data set the DUL thread receives itself (see
+    :meth:`NodeDUL._read_pdu_data`): its command, read without pydicom, and the data set
+    fragments no callback took."""
+
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    priority: int
+    command: bytes
+    """The encoded command set, as received."""
+    data: BytesIO = field(default_factory=BytesIO)
+
+
+_US: Final[struct.Struct] = struct.Struct("<H")
+_ELEMENT_HEAD: Final[struct.Struct] = struct.Struct("<HHI")
+
+
+def parse_c_store_rq(command: bytes | memoryview) -> tuple[int, str, str, int] | None:
+    """Message ID, SOP Class UID, SOP Instance UID and priority of a plain C-STORE-RQ command
+    set (Implicit VR Little Endian, exactly the seven elements of :data:`_C_STORE_RQ_TAGS`,
+    values of the expected lengths, valid UIDs); ``None`` for anything else."""
+    values: dict[int, bytes] = {}
+    position = 0
+    size = len(command)
+    previous = -1
+    while position < size:
+        if position + 8 > size:
+            return None
+        group, element, length = _ELEMENT_HEAD.unpack_from(command, position)
+        tag = group << 16 | element
+        position += 8
+        if tag <= previous or tag not in _C_STORE_RQ_TAGS or position + length > size:
+            return None
+        values[tag] = bytes(command[position : position + length])
+        position += length
+        previous = tag
+    if len(values) != len(_C_STORE_RQ_TAGS):
+        return None
+    if len(values[0x00000000]) != 4 or any(
+        len(values[tag]) != 2 for tag in (0x00000100, 0x00000110, 0x00000700, 0x00000800)
+    ):
+        return None
+    (command_field,) = _US.unpack(values[0x00000100])
+    (data_set_type,) = _US.unpack(values[0x00000800])
+    (message_id,) = _US.unpack(values[0x00000110])
+    (priority,) = _US.unpack(values[0x00000700])
+    if command_field != 0x0001 or data_set_type == 0x0101 or priority not in (0, 1, 2):
+        return None
+    sop_class = raw_text(values[0x00000002])
+    sop_instance = raw_text(values[0x00001000])
+    if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
+        return None
+    return message_id, sop_class, sop_instance, priority
+
+
+_DIRECT_BLOCKERS: Final[tuple[Any, ...]] = (
+    evt.EVT_DATA_RECV,
+    evt.EVT_DATA_SENT,
+    evt.EVT_PDU_RECV,
+    evt.EVT_PDU_SENT,
+    evt.EVT_DIMSE_RECV,
+    evt.EVT_DIMSE_SENT,
+    evt.EVT_FSM_TRANSITION,
+)
+"""Events whose handlers need pynetdicom's own handling of every PDU and message."""
 
 
 class _InlineStoreQueue(queue.Queue[Any]):
@@ -474,10 +609,15 @@ class NodeAssociation(Association):
     it is the message's last), in the DUL thread before pynetdicom sees it. Returning ``True``
     takes the fragment: it never reaches the DIMSE message in progress (a last fragment taken
     reaches it empty, completing the message)."""
+    on_store_command: Callable[[Association, DirectStore], None] | None = None
+    """Told (in the DUL thread) of a C-STORE request received directly (see
+    :meth:`NodeDUL._read_pdu_data`) as soon as its command has arrived; without it, every
+    request goes through pynetdicom."""
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
         self._storage_service: StorageServiceClass | None = None
+        self._direct: DirectStore | None = None
         self.dul = NodeDUL(self)
         self.dul.artim_timer.timeout = self.acse_timeout
         self.dul._idle_timer.timeout = self.network_timeout
@@ -486,12 +626,7 @@ class NodeAssociation(Association):
 
         def receive_primitive(primitive: Any) -> None:
             if dimse.message is None:
-                message = DIMSEMessage()
-                # an instance attribute: it stays when decoding sets the message's class
-                message.message_to_primitive = functools.partial(  # type: ignore[method-assign]
-                    _message_to_primitive, message
-                )
-                dimse.message = message
+                dimse.message = _new_message()
             receive(primitive)
             hook = self.on_pdata
             if hook is not None:
@@ -514,15 +649,70 @@ class NodeAssociation(Association):
             ):
                 send_msg(primitive, context_id)
                 return
+            dul = self.dul
+            sock = dul.socket
+            if (
+                threading.current_thread() is dul
+                and sock is not None
+                and dul.to_provider_queue.empty()
+                and dul.state_machine.current_state == "Sta6"
+                and not self.needs_every_pdu()
+            ):
+                # what pynetdicom's DT-1 would send for this P-DATA, without the round
+                # through the reactor's queue and state machine (Sta6 stays Sta6)
+                sock.send(
+                    b"\x04\x00"
+                    + struct.pack(">IIB", len(encoded) + 6, len(encoded) + 2, context_id)
+                    + b"\x03"
+                    + encoded
+                )
+                return
             pdata = P_DATA()
             pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
-            self.dul.send_pdu(pdata)
+            dul.send_pdu(pdata)
 
         self.dimse.send_msg = send_message  # type: ignore[method-assign]
 
     def _bind_defaults(self) -> None:
         for event in evt._INTERVENTION_EVENTS:
             self.bind(event, evt.get_default_handler(event))
+
+    def needs_every_pdu(self) -> bool:
+        """True if handlers are bound to events that pynetdicom raises per PDU or message."""
+        handlers = self._handlers
+        return any(handlers.get(event) for event in _DIRECT_BLOCKERS)
+
+    @property
+    def message_in_progress(self) -> Any:
+        """The C-STORE received directly, else pynetdicom's DIMSE message in progress."""
+        direct = self._direct
+        return direct if direct is not None else self.dimse.message
+
+    def complete_direct(self, direct: DirectStore) -> None:
+        """Queue the request of a complete :class:`DirectStore`, as pynetdicom queues a
+        decoded message (a C-STORE is served at once when nothing else waits)."""
+        primitive = PlainCStore()
+        primitive.MessageID = direct.message_id
+        # validated by parse_c_store_rq: pynetdicom's setters would validate them again
+        primitive._affected_sop_class_uid = UID(direct.sop_class_uid)
+        primitive._affected_sop_instance_uid = UID(direct.sop_instance_uid)
+        primitive.Priority = direct.priority
+        primitive.DataSet = direct.data
+        primitive._context_id = direct.context_id
+        self.dimse.msg_queue.put((direct.context_id, primitive))
+
+    def hand_back_direct(self) -> None:
+        """Give a :class:`DirectStore` in progress to pynetdicom as its DIMSE message in
+        progress (its command and the fragments kept in memory), to be completed there."""
+        direct, self._direct = self._direct, None
+        if direct is None:
+            return
+        message = _new_message()
+        command = P_DATA()
+        command.presentation_data_value_list.append((direct.context_id, b"\x03" + direct.command))
+        message.decode_msg(command, self)
+        cast(BytesIO, message.data_set).write(direct.data.getbuffer())
+        self.dimse.message = message
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         if isinstance(msg, PlainCStore) and self._serve_plain_store(msg, context_id):
@@ -702,6 +892,16 @@ def _message_to_primitive(message: DIMSEMessage) -> Any:
     return type(message).message_to_primitive(message)
 
 
+def _new_message() -> DIMSEMessage:
+    """An empty DIMSE message that becomes its primitive by :func:`_message_to_primitive`."""
+    message = DIMSEMessage()
+    # an instance attribute: it stays when decoding sets the message's class
+    message.message_to_primitive = functools.partial(  # type: ignore[method-assign]
+        _message_to_primitive, message
+    )
+    return message
+
+
 class PlainCStore(C_STORE):
     """A C-STORE request built by :func:`c_store_rq_primitive` (served by
     :meth:`NodeAssociation._serve_plain_store`)."""
@@ -802,6 +1002,7 @@ class NodeRequestHandler(RequestHandler):
         assoc.on_end = server.on_association_end
         assoc.on_pdata = server.on_pdata
         assoc.on_data_fragment = server.on_data_fragment
+        assoc.on_store_command = server.on_store_command
         sock = BoundedSocket(
             assoc,
             request,
@@ -839,6 +1040,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         on_association_end: Callable[[Association], None] | None = None,
         on_pdata: Callable[[Association], None] | None = None,
         on_data_fragment: Callable[[Association, int, memoryview, bool], bool] | None = None,
+        on_store_command: Callable[[Association, DirectStore], None] | None = None,
         listen: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -850,6 +1052,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         self.on_association_end = on_association_end
         self.on_pdata = on_pdata
         self.on_data_fragment = on_data_fragment
+        self.on_store_command = on_store_command
         self.on_connection_closed: Callable[[], None] | None = None
         """Called once for every connection this server took that has ended."""
         self._connections = 0

@@ -61,7 +61,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from opmri_node.config import NodeConfig, PeerConfig
-from opmri_node.dicomnet import NodeAssociationServer
+from opmri_node.dicomnet import DirectStore, NodeAssociation, NodeAssociationServer
 from opmri_node.journal import Journal, JournalRecord, Segment
 from opmri_node.monitoring import record_association
 from opmri_node.spool import (
@@ -352,6 +352,7 @@ class Receiver:
             on_association_end=self._on_end,
             on_pdata=self._on_pdata,
             on_data_fragment=self._on_fragment,
+            on_store_command=self._on_store_command,
             listen=listen,
         )
         assert isinstance(server, NodeAssociationServer)
@@ -537,7 +538,15 @@ class Receiver:
                     stream.discard()
                     stream = None
                 if stream is None:
-                    stream = self._open_stream(assoc, message, message_id)
+                    command = message.command_set
+                    # the raw values: pydicom's conversion would validate them (and may log)
+                    stream = self._open_stream(
+                        assoc,
+                        message.context_id,
+                        message_id,
+                        _command_text(command, _AFFECTED_SOP_CLASS),
+                        _command_text(command, _AFFECTED_SOP_INSTANCE),
+                    )
                     self._streams[key] = stream
                 stream.message = message
         if stream.file is None:
@@ -560,7 +569,7 @@ class Receiver:
         """Take a data set fragment of the C-STORE being streamed to a file (see
         :attr:`~opmri_node.dicomnet.NodeAssociation.on_data_fragment`); the handler finds the
         last one in the file too."""
-        message = assoc.dimse.message
+        message = cast(NodeAssociation, assoc).message_in_progress
         with self._streams_lock:
             stream = self._streams.get(id(assoc))
         if (
@@ -600,12 +609,31 @@ class Receiver:
         stream.streamed += len(data)
         return True
 
-    def _open_stream(self, assoc: Association, message: Any, message_id: int) -> _StoreStream:
-        command = message.command_set
-        # the raw values: pydicom's conversion would validate them (and may log them)
-        sop_class = _command_text(command, _AFFECTED_SOP_CLASS)
-        sop_instance = _command_text(command, _AFFECTED_SOP_INSTANCE)
-        context = assoc._accepted_cx.get(message.context_id)
+    def _on_store_command(self, assoc: Association, request: DirectStore) -> None:
+        """A C-STORE request received directly: its data set is written as it arrives."""
+        stream = self._open_stream(
+            assoc,
+            request.context_id,
+            request.message_id,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+        )
+        stream.message = request
+        with self._streams_lock:
+            previous = self._streams.get(id(assoc))
+            self._streams[id(assoc)] = stream
+        if previous is not None:
+            previous.discard()
+
+    def _open_stream(
+        self,
+        assoc: Association,
+        context_id: int | None,
+        message_id: int,
+        sop_class: str,
+        sop_instance: str,
+    ) -> _StoreStream:
+        context = assoc._accepted_cx.get(context_id) if context_id is not None else None
         transfer_syntax = str(context.transfer_syntax[0]) if context is not None else ""
         stream = _StoreStream(message_id, sop_class, sop_instance, transfer_syntax, 0, None)
         if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance) and transfer_syntax):

@@ -30,6 +30,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from opmri_node.dicomnet import (
     ASSOCIATE_PDU_LIMIT,
     BoundedSocket,
+    DirectStore,
+    NodeAssociation,
     NodeAssociationServer,
     PDUTooLongError,
 )
@@ -289,12 +291,23 @@ def test_pdu_header_claiming_4_gib_is_refused_without_buffering(node: Node) -> N
     assoc.release()
 
 
-def test_data_set_fragments_in_any_packing_are_stored_byte_for_byte(tmp_path: Path) -> None:
-    """Middle fragments of a data set, one per P-DATA-TF, go straight from the socket to the
-    file; PDUs packing several PDVs (a command's end with data, two data fragments) take
-    pynetdicom's path. Either way the file holds exactly the data set sent."""
+def test_data_set_fragments_in_any_packing_are_stored_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain C-STORE is received directly, its data set fragments (one per P-DATA-TF) going
+    from the socket to the file; PDUs packing several PDVs (a command's end with data, two data
+    fragments) take pynetdicom's path, also when they come in the middle of a data set received
+    directly. Either way the file holds exactly the data set sent."""
+    completed: list[int] = []
+    complete = NodeAssociation.complete_direct
+
+    def counted(self: NodeAssociation, direct: DirectStore) -> None:
+        completed.append(direct.message_id)
+        complete(self, direct)
+
+    monkeypatch.setattr(NodeAssociation, "complete_direct", counted)
     config = load(write_config(tmp_path / "node", node_extra="  max_pdu_length: 4096\n"))
-    series = make_mr_series(tmp_path / "in", 3, size=256)  # ~32 fragments each
+    series = make_mr_series(tmp_path / "in", 4, size=256)  # ~32 fragments each
     with running_node(config) as node:
         host, port = node.address
         ae = scu_ae()
@@ -303,10 +316,14 @@ def test_data_set_fragments_in_any_packing_are_stored_byte_for_byte(tmp_path: Pa
         assert assoc.is_established
         send_pdu = assoc.dul.send_pdu
         held: list[tuple[int, bytes]] = []
-        packing = {"on": False}
+        packing = {"from": -1, "sent": 0}
 
         def packed(primitive: object) -> None:
-            if not packing["on"] or not isinstance(primitive, P_DATA):
+            if not isinstance(primitive, P_DATA):
+                send_pdu(primitive)
+                return
+            packing["sent"] += 1
+            if packing["from"] < 0 or packing["sent"] <= packing["from"]:
                 send_pdu(primitive)
                 return
             held.extend(primitive.presentation_data_value_list)
@@ -320,18 +337,21 @@ def test_data_set_fragments_in_any_packing_are_stored_byte_for_byte(tmp_path: Pa
         assoc.dul.send_pdu = packed  # type: ignore[method-assign]
         previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
         pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+        # 0: one PDV per PDU; 1: all packed; 2: packed from the 4th PDU on; 3: one per PDU
+        packed_from = [-1, 0, 3, -1]
         try:
             statuses = []
             for index, path in enumerate(series.files):
-                packing["on"] = index == 1
-                statuses.append(int(assoc.send_c_store(path).Status))
+                packing["from"], packing["sent"] = packed_from[index], 0
+                statuses.append(int(assoc.send_c_store(path, msg_id=index + 1).Status))
         finally:
             pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
             assoc.release()
-        assert statuses == [0, 0, 0]
+        assert statuses == [0, 0, 0, 0]
         for path, sop in zip(series.files, series.sop_uids, strict=True):
             assert data_set_of(stored_path(node, sop)) == data_set_of(path)
         assert _partial_writes(node.spool.incoming) == []  # type: ignore[union-attr]
+    assert completed == [1, 4]  # the third was handed to pynetdicom midway
 
 
 def test_bounded_socket_buffers_reads_and_hands_out_views() -> None:

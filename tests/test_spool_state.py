@@ -27,7 +27,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
 from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from opmri_node.dicomnet import c_store_rq_primitive, encode_c_store_rsp
+from opmri_node.dicomnet import c_store_rq_primitive, encode_c_store_rsp, parse_c_store_rq
 from opmri_node.service import reindex_spool
 from opmri_node.spool import (
     HEADER_INFLATE_LIMIT,
@@ -570,3 +570,62 @@ def test_c_store_request_fast_path_leaves_the_unusual_to_pynetdicom() -> None:
     request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
     request.AffectedSOPInstanceUID = "1.2..4"  # not a valid UID: pynetdicom decides
     assert c_store_rq_primitive(_received(request)) is None
+
+
+def _command_bytes(request: C_STORE) -> bytes:
+    """The encoded command set of a C-STORE-RQ as pynetdicom sends it."""
+    sent = C_STORE_RQ()
+    sent.primitive_to_message(request)
+    fragments = [
+        bytes(data[1:])
+        for pdata in sent.encode_msg(1, 16384)
+        for _, data in pdata.presentation_data_value_list
+        if data[0] & 0x01
+    ]
+    return b"".join(fragments)
+
+
+@pytest.mark.parametrize("priority", [0, 1, 2])
+def test_direct_command_reader_matches_pynetdicom(priority: int) -> None:
+    request = C_STORE()
+    request.MessageID = 65535
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.12345"  # even length
+    request.Priority = priority
+    request.DataSet = BytesIO(b"\x08\x00\x18\x00\x04\x00\x00\x00" + b"1.23")
+    theirs = _received(request).message_to_primitive()
+    assert parse_c_store_rq(_command_bytes(request)) == (
+        theirs.MessageID, theirs.AffectedSOPClassUID, theirs.AffectedSOPInstanceUID, priority,
+    )
+    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"  # odd: padded with NUL
+    assert parse_c_store_rq(_command_bytes(request)) == (
+        65535, "1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.1", priority,
+    )
+
+
+def test_direct_command_reader_leaves_everything_else_to_pynetdicom() -> None:
+    def request(**values: object) -> C_STORE:
+        primitive = C_STORE()
+        primitive.MessageID = 7
+        primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        primitive.AffectedSOPInstanceUID = "1.2.3.4"
+        primitive.DataSet = BytesIO(b"\x08\x00\x18\x00\x04\x00\x00\x00" + b"1.23")
+        for name, value in values.items():
+            setattr(primitive, name, value)
+        return primitive
+
+    plain = _command_bytes(request())
+    assert parse_c_store_rq(plain) == (7, "1.2.840.10008.5.1.4.1.1.4", "1.2.3.4", 2)
+    moved = request(MoveOriginatorApplicationEntityTitle="MOVER", MoveOriginatorMessageID=3)
+    assert parse_c_store_rq(_command_bytes(moved)) is None
+    assert parse_c_store_rq(_command_bytes(request(AffectedSOPInstanceUID="1.2..4"))) is None
+    assert parse_c_store_rq(plain[:-1]) is None  # cut inside the last element
+    assert parse_c_store_rq(plain + plain[8:20]) is None  # an element repeated
+    echo = plain.replace(b"\x00\x00\x00\x01\x02\x00\x00\x00\x01\x00", b"\x00\x00\x00\x01\x02"
+                         b"\x00\x00\x00\x30\x00")
+    assert echo != plain
+    assert parse_c_store_rq(echo) is None  # Command Field C-ECHO-RQ
+    no_data = plain.replace(b"\x00\x00\x00\x08\x02\x00\x00\x00\x01\x00",
+                            b"\x00\x00\x00\x08\x02\x00\x00\x00\x01\x01")
+    assert no_data != plain
+    assert parse_c_store_rq(no_data) is None  # Command Data Set Type: no data set
