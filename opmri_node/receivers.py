@@ -4,7 +4,7 @@ With ``node.receive_processes`` above 1 the node's main process only listens: it
 connection, counts the node's associations and hands the connected socket (``SCM_RIGHTS``
 over a Unix socket pair) to the receiving process with the fewest connections. Each receiving
 process runs the same :class:`~opmri_node.scp.Receiver` as the single-process node, with its
-own state database connection and its own receive journal segments in the shared spool, so
+own state database connection and its own incoming files in the shared spool, so
 every instance is durable and recorded before its 0x0000 exactly as before; dcmtk's
 ``storescp --fork`` spreads associations over processes the same way.
 
@@ -12,11 +12,11 @@ every instance is durable and recorded before its 0x0000 exactly as before; dcmt
   handed over marked, and its association request is rejected (transient, local limit
   exceeded) with an audit line.
 * A receiving process dies with the node (``PR_SET_PDEATHSIG``), so ``kill -9`` of the node
-  leaves what a single process leaves: journal segments that the next start replays.
-* A receiving process that dies on its own is replaced; its journal segments (named after its
+  leaves what a single process leaves: committed files that the next start replays.
+* A receiving process that dies on its own is replaced; its incoming files (named after its
   process id) are replayed into the spool first, and its instances are in the state database.
 * Stopping the node closes the socket pairs: each process finishes its associations as the
-  single-process receiver does, checkpoints its journal and exits.
+  single-process receiver does, flushes the spool (its renames) and exits.
 
 Run as ``python -m opmri_node.receivers FD`` by :class:`ReceiverPool` only.
 """
@@ -134,8 +134,8 @@ class ReceiverPool:
         """Stop accepting; let every receiving process finish and exit.
 
         Returns:
-            ``True`` if every process ended cleanly (its associations ended, journal
-            checkpointed) within ``timeout``.
+            ``True`` if every process ended cleanly (its associations ended, spool
+            flushed) within ``timeout``.
         """
         self._stop.set()
         with contextlib.suppress(OSError):
@@ -279,9 +279,9 @@ class ReceiverPool:
 
         try:
             stats = Journal(open_spool(self.config)).replay(owner=str(child.process.pid))
-            if stats.segments:
-                LOGGER.warning("replayed %d journal segment(s) of the process: %d committed "
-                               "instance(s)", stats.segments, stats.committed)
+            if stats.segments or stats.committed:
+                LOGGER.warning("replayed the receive journal of the process: %d committed "
+                               "instance(s), %d restored", stats.committed, stats.restored)
             for unfinished in stats.unfinished:
                 LOGGER.warning(UNFINISHED_COMMIT, unfinished)
         except OSError as exc:

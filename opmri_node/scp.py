@@ -62,7 +62,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from opmri_node.config import NodeConfig, PeerConfig
 from opmri_node.dicomnet import DirectStore, NodeAssociation, NodeAssociationServer
-from opmri_node.journal import Journal, JournalRecord, Segment
+from opmri_node.journal import Journal
 from opmri_node.monitoring import record_association
 from opmri_node.spool import (
     HEADER_INFLATE_LIMIT,
@@ -232,8 +232,8 @@ class Receiver:
     A C-STORE data set is appended to a file in ``spool/incoming`` as its P-DATA arrive (the
     file asking the kernel to start writing it out), so that when the last fragment arrives
     little is left to flush. The handler then checks the data set, finishes the file (or writes
-    it whole if streaming was not possible), flushes it, commits it to the association's
-    receive journal segment, renames it into place and records it.
+    it whole if streaming was not possible), commits it (a record in its preamble, one flush:
+    see :mod:`opmri_node.journal`), renames it into place and records it.
     """
 
     def __init__(
@@ -243,8 +243,6 @@ class Receiver:
         self.state = state
         self.spool = spool
         self.journal = journal if journal is not None else Journal(spool)
-        self._segments: dict[int, Segment] = {}
-        self._segments_lock = threading.Lock()
         self.stats = ReceiverStats()
         self._stats_lock = threading.Lock()
         self._audits: dict[int, AssociationAudit] = {}
@@ -411,13 +409,8 @@ class Receiver:
         self._server = None
         self._thread = None
         ended = not any(assoc.is_alive() for assoc in assocs)
-        with self._segments_lock:
-            segments = list(self._segments.values())
-            self._segments.clear()
-        for segment in segments:
-            self.journal.retire(segment)
-        checkpointed = self.journal.close(max(1.0, deadline - time.monotonic()))
-        return ended and checkpointed
+        flushed = self.journal.close(max(1.0, deadline - time.monotonic()))
+        return ended and flushed
 
     # -- policy ----------------------------------------------------------------------------
 
@@ -653,19 +646,9 @@ class Receiver:
         return stream
 
     def _open_incoming(self, assoc: Association) -> IncomingFile:
-        """A new incoming file, to be committed to the association's journal segment."""
+        """A new incoming file, to be committed by the receive journal."""
         self.spool.check_room(0)
-        key = id(assoc)
-        with self._segments_lock:
-            segment = self._segments.get(key)
-            if segment is not None and segment.covered >= self.journal.segment_limit:
-                del self._segments[key]
-                self.journal.retire(segment)
-                segment = None
-            if segment is None:
-                segment = self.journal.open_segment()
-                self._segments[key] = segment
-            return self.journal.open_incoming(segment)
+        return self.journal.open_incoming()
 
     def _take_stream(self, assoc: Association, message_id: int) -> _StoreStream | None:
         with self._streams_lock:
@@ -807,7 +790,6 @@ class Receiver:
                 incoming.write(meta)
                 incoming.write(tail)
             size = incoming.size
-            record = cast(JournalRecord, incoming.ticket)
             self.spool.check_room(0)
             with self._uid_locks[hash(command_uid) % _LOCK_STRIPES]:
                 existing = self.state.current_instance(header.sop_instance_uid)
@@ -819,12 +801,10 @@ class Receiver:
                 relative = self.spool.relative_path(
                     header.study_uid, header.sop_instance_uid, revision
                 )
-                record.commit(incoming, relative)  # durable from here on
+                self.journal.commit(incoming, relative)  # durable from here on
                 committed, incoming = incoming, None
-                try:
-                    self.spool.place(committed.close(), relative)
-                finally:
-                    record.end()  # a failed move stays in incoming/: replay moves it
+                # a failed move leaves the committed file in incoming/: replay moves it
+                self.spool.place(committed.close(), relative)
                 self.state.record_instance(
                     NewInstance(
                         study_uid=header.study_uid,
@@ -895,10 +875,6 @@ class Receiver:
             stream = self._streams.pop(id(assoc), None)
         if stream is not None:
             stream.discard()
-        with self._segments_lock:
-            segment = self._segments.pop(id(assoc), None)
-        if segment is not None:
-            self.journal.retire(segment)
         with self._audits_lock:
             audit = self._audits.pop(id(assoc), None)
         if audit is None:

@@ -5,12 +5,12 @@ embedding code use :meth:`Node.start` / :meth:`Node.stop` (also as a context man
 
 Start-up order makes a restart after a crash (even ``kill -9``) safe:
 
-1. receive journal segments left over are replayed: every instance committed in them (which
-   includes every acknowledged one) is moved from ``spool/incoming`` into its study folder if
-   the move did not reach the disk (see :mod:`opmri_node.journal`);
+1. the receive journal is replayed: every committed instance (which includes every
+   acknowledged one) still in ``spool/incoming`` is moved into its study folder, the move not
+   having reached the disk (see :mod:`opmri_node.journal`);
 2. what else is in ``spool/incoming`` is deleted (partial writes, never acknowledged, and
    empty files prepared for instances);
-3. after an unclean stop (no ``clean-shutdown`` marker, or journal segments were left), spool
+3. after an unclean stop (no ``clean-shutdown`` marker, or committed instances were left), spool
    files missing from the state database (a crash between rename and commit, or transactions a
    power failure took) are indexed again;
 4. the listener starts;
@@ -130,10 +130,10 @@ class Node:
         self.spool = open_spool(self.config)
         journal = Journal(self.spool)
         replayed = journal.replay()
-        if replayed.segments:
+        if replayed.segments or replayed.committed:
             LOGGER.warning(
-                "replayed %d receive journal segment(s): %d committed instance(s), "
-                "%d restored to the spool",
+                "replayed the receive journal (%d segment(s) of an earlier version): %d "
+                "committed instance(s), %d restored to the spool",
                 replayed.segments,
                 replayed.committed,
                 replayed.restored,
@@ -146,7 +146,7 @@ class Node:
         if removed:
             LOGGER.info("removed %d partial write(s) left by an interrupted run", removed)
         marker = data_dir / CLEAN_MARKER_NAME
-        if marker.exists() and not replayed.segments:
+        if marker.exists() and not (replayed.segments or replayed.committed):
             marker.unlink()
             fsync_dir(data_dir)
         else:

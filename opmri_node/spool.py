@@ -13,10 +13,10 @@ pixel data, deflated data sets and big endian data sets stay as sent).
 
 :meth:`Spool.store` writes a file to ``incoming/``, fsyncs it, renames it into its study folder
 and fsyncs the folder, so once it returns the file survives a crash of the process or of the
-machine. The listener instead flushes each received file in ``incoming/`` (taken from an
-:class:`IncomingPool`, so its name is durable already), commits it to a receive journal
-(:mod:`opmri_node.journal`) and moves it into place with :meth:`Spool.place`, leaving the
-folder flushes to the journal's checkpoint.
+machine. The listener instead commits each received file in ``incoming/`` (taken from an
+:class:`IncomingPool`, so its name is durable already) with one flush, a commit record in its
+preamble naming its spool path (:mod:`opmri_node.journal`), and moves it into place with
+:meth:`Spool.place`, unflushed: replay finishes a move that did not reach the disk.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol
+from typing import BinaryIO, Final
 
 from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag, Tag
@@ -53,7 +53,9 @@ LOGGER = logging.getLogger(__name__)
 FREE_SPACE_TTL_S: Final[float] = 0.1
 FREE_SPACE_SLACK: Final[int] = 256 * 1024 * 1024
 
-PREAMBLE: Final[bytes] = b"\x00" * 128 + b"DICM"
+PREAMBLE_SIZE: Final[int] = 128
+"""Length of a DICOM file's preamble (PS3.10 7.1), before ``DICM``."""
+PREAMBLE: Final[bytes] = b"\x00" * PREAMBLE_SIZE + b"DICM"
 
 HEADER_INFLATE_LIMIT: Final[int] = 8 * 1024 * 1024
 """At most this much of a deflated data set is inflated to read its header (deflate bombs)."""
@@ -310,13 +312,6 @@ def _element_ob(element: int, value: bytes) -> bytes:
     return header + struct.pack("<I", len(value)) + value
 
 
-class Ticket(Protocol):
-    """What an incoming file holds open until it is committed or discarded (a receive
-    journal record)."""
-
-    def end(self) -> None: ...
-
-
 WRITEBACK_STEP: Final[int] = 256 * 1024
 """An incoming file with a ``checksum`` asks the kernel to write back every this many bytes."""
 
@@ -327,9 +322,9 @@ class IncomingFile:
     :meth:`start_writeback` asks the kernel to begin writing what has been appended so far
     without waiting for it, so the device works while the rest of the data set is still
     arriving and the final flush has little left to do. With ``checksum`` the file keeps the
-    CRC-32 of its bytes (for a receive journal commit) and starts write-back by itself every
-    :data:`WRITEBACK_STEP` bytes. ``create=False`` opens a file that already exists (empty,
-    from an :class:`IncomingPool`).
+    CRC-32 of its bytes from offset ``checksum_from`` on (for a receive journal commit) and
+    starts write-back by itself every :data:`WRITEBACK_STEP` bytes. ``create=False`` opens a
+    file that already exists (empty, from an :class:`IncomingPool`).
     """
 
     def __init__(
@@ -338,16 +333,16 @@ class IncomingFile:
         *,
         create: bool = True,
         checksum: bool = False,
-        ticket: Ticket | None = None,
+        checksum_from: int = 0,
     ) -> None:
         self.name = os.fspath(path)
         """The file's path as a string."""
         self.size = 0
         self.crc = 0
-        """CRC-32 of the bytes written (with ``checksum`` only)."""
+        """CRC-32 of the bytes appended from ``checksum_from`` on (with ``checksum`` only)."""
         self._flushed = 0
         self._checksum = checksum
-        self.ticket = ticket
+        self._checksum_from = checksum_from
         flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0)
         self._fd: int | None = os.open(self.name, flags, 0o640)
 
@@ -366,11 +361,28 @@ class IncomingFile:
             offset = 0
             while offset < len(view):
                 offset += os.write(self._fd, view[offset:])
+            start = self.size
             self.size += offset
             if self._checksum:
-                self.crc = zlib.crc32(view, self.crc)
+                skip = self._checksum_from - start
+                if skip <= 0:
+                    self.crc = zlib.crc32(view, self.crc)
+                elif skip < offset:
+                    self.crc = zlib.crc32(view[skip:], self.crc)
                 if self.size - self._flushed >= WRITEBACK_STEP:
                     self.start_writeback()
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        """Replace written bytes at ``offset`` (before ``checksum_from``: the CRC-32 stays)."""
+        if self._fd is None:
+            raise ValueError("the incoming file is already closed")
+        if offset + len(data) > self.size or (
+            self._checksum and offset + len(data) > self._checksum_from
+        ):
+            raise ValueError("only bytes already written, outside the checksum, can be replaced")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
 
     def start_writeback(self) -> None:
         if self._fd is not None and self.size > self._flushed:
@@ -416,14 +428,12 @@ class IncomingFile:
         return self.name
 
     def discard(self) -> None:
-        """Close (if open) and delete the file; its ticket, if any, ends."""
+        """Close (if open) and delete the file."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.name)
-        if self.ticket is not None:
-            self.ticket.end()
 
 
 class IncomingPool:
@@ -646,8 +656,8 @@ class Spool:
     def place(self, tmp: str | Path, relative: str) -> None:
         """Move an incoming file to its place without flushing anything.
 
-        Only for flushed files whose move a flushed receive journal commit already names
-        (:mod:`opmri_node.journal`); the journal's checkpoint makes the move durable.
+        Only for files committed by the receive journal (:mod:`opmri_node.journal`), whose
+        commit record names the move: replay finishes it if it did not reach the disk.
         """
         target = f"{self._root_name}/{relative}"
         try:

@@ -24,9 +24,9 @@ stamped with :data:`SCHEMA_VERSION`.
 Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A committed
 transaction survives a crash of the process (``kill -9``); after a power failure the last
 transactions may be missing, which is why the spool, not this database, is what makes a
-received instance durable: the node flushes each instance's file and its commit in the
-receive journal before answering (:mod:`opmri_node.journal`), completes the spool from
-left-over journal segments and re-indexes spool files the database does not know after any
+received instance durable: the node flushes each instance's file with its commit record
+before answering (:mod:`opmri_node.journal`), completes the spool from the committed files
+left in ``incoming/`` and re-indexes spool files the database does not know after any
 unclean stop (:func:`opmri_node.service.reindex_spool`).
 """
 

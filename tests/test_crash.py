@@ -12,8 +12,9 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import _config as pynetdicom_config
 
-from opmri_node.journal import encode_commit, read_commits
+from opmri_node.journal import decode_record
 from opmri_node.service import CLEAN_MARKER_NAME
+from opmri_node.spool import PREAMBLE_SIZE
 from opmri_node.state import StateDB
 from tests.node_fixtures import (
     ServeProcess,
@@ -109,9 +110,9 @@ def test_acknowledged_instances_survive_losing_unflushed_renames_and_database(
     tmp_path: Path,
 ) -> None:
     """What a power failure may take after kill -9: the moves of committed files into their
-    study folders (not flushed before the journal's checkpoint), the unflushed tail of a
-    journal segment, partial files never committed, and the state database's last
-    transactions. The receive journal brings every acknowledged instance back."""
+    study folders (not flushed), files whose flush was cut short, partial files never
+    committed, and the state database's last transactions. The commit records in the files
+    left in ``incoming/`` bring every acknowledged instance back."""
     config = write_config(tmp_path / "node", stable=3600)
     series = make_mr_series(tmp_path / "in", 40, size=256)
     serve = ServeProcess(config, log_path=tmp_path / "serve.log")
@@ -126,15 +127,16 @@ def test_acknowledged_instances_survive_losing_unflushed_renames_and_database(
     assert killed.is_set() and 20 <= len(statuses) < 40 and all(s == 0 for s in statuses)
     acknowledged = series.sop_uids[: len(statuses)]
     spool = tmp_path / "node" / "data" / "spool"
-    segments = sorted((spool / "journal").iterdir())
-    assert segments, "no journal segment was left"
-    commits = [commit for segment in segments for commit in read_commits(segment)]
-    assert len(commits) >= len(acknowledged)
-    for index, commit in enumerate(commits):  # renames not flushed: back where they were
-        if index % 2 == 0:
-            (spool / commit.relative).rename(spool / "incoming" / commit.incoming_name)
-    with segments[-1].open("ab") as fh:  # a torn frame after the last flushed one
-        fh.write(encode_commit(999, "torn.part", commits[0].relative, 1, 2)[:30])
+    stored = sorted((spool / "studies").rglob("*.dcm"))
+    records = [decode_record(path.read_bytes()[:PREAMBLE_SIZE]) for path in stored]
+    assert len(stored) >= len(acknowledged) and all(records)
+    for index, (path, record) in enumerate(zip(stored, records, strict=True)):
+        assert record is not None and spool / record.relative == path
+        if index % 2 == 0:  # renames not flushed: back where they were
+            path.rename(spool / "incoming" / f"lost-move-{index}.part")
+    torn = bytearray(stored[1].read_bytes())  # a record whose file did not reach the disk
+    torn[-500:] = bytes(500)
+    (spool / "incoming" / "torn.part").write_bytes(bytes(torn))
     (spool / "incoming" / "never-committed.part").write_bytes(b"\0" * 1000)
     data_dir = tmp_path / "node" / "data"
     for name in ("state.sqlite3", "state.sqlite3-wal", "state.sqlite3-shm"):
@@ -148,7 +150,6 @@ def test_acknowledged_instances_survive_losing_unflushed_renames_and_database(
                 assert record is not None, "an acknowledged instance is missing"
                 assert data_set_of(spool / record.path) == data_set_of(path)
             assert state.instance_count() <= len(acknowledged) + 1
-        assert list((spool / "journal").iterdir()) == []
         assert list((spool / "incoming").iterdir()) == []
     finally:
         assert restarted.terminate() == 0

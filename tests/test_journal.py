@@ -1,4 +1,4 @@
-"""The receive journal: incoming files with durable names, commits, replay after a crash."""
+"""The receive journal: incoming files with durable names, commit records, replay after a crash."""
 
 from __future__ import annotations
 
@@ -14,31 +14,34 @@ from opmri_node.journal import (
     DATA,
     MAGIC_V1,
     Journal,
-    JournalRecord,
-    ParallelFlush,
+    JournalError,
+    decode_record,
     encode_commit,
-    read_commits,
+    encode_record,
 )
-from opmri_node.spool import IncomingFile, IncomingPool, Spool
+from opmri_node.spool import PREAMBLE, PREAMBLE_SIZE, IncomingPool, Spool
 
 RELATIVE = f"studies/{'a' * 32}/{'b' * 40}-1.dcm"
 OTHER = f"studies/{'c' * 32}/{'d' * 40}-1.dcm"
 
 
-def _receive(journal: Journal, data: bytes, relative: str) -> IncomingFile:
+def _instance(text: bytes) -> bytes:
+    """Bytes shaped like a spool file: a zero preamble, ``DICM`` and a body."""
+    return PREAMBLE + text * 200
+
+
+def _receive(journal: Journal, data: bytes, relative: str) -> Path:
     """Receive ``data`` into an incoming file and commit it, as the listener does, without the
     move into place (a crash before it, or a move the disk did not keep)."""
-    segment = journal.open_segment()
-    incoming = journal.open_incoming(segment)
+    incoming = journal.open_incoming()
     incoming.write(data[:100])
     incoming.write(data[100:])
-    record = incoming.ticket
-    assert isinstance(record, JournalRecord)
-    record.commit(incoming, relative)
-    incoming.close()
-    record.end()
-    segment.close()
-    return incoming
+    journal.commit(incoming, relative)
+    return Path(incoming.close())
+
+
+def _body(path: Path) -> bytes:
+    return path.read_bytes()[PREAMBLE_SIZE:]
 
 
 def test_pool_files_exist_empty_with_the_owner_prefix_and_close_removes_the_rest(
@@ -61,72 +64,125 @@ def test_pool_files_exist_empty_with_the_owner_prefix_and_close_removes_the_rest
         pool.take()
 
 
-def test_commit_frame_names_the_incoming_file_and_checks_the_bytes(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    journal = Journal(spool)
-    data = bytes(range(256)) * 40
-    incoming = _receive(journal, data, RELATIVE)
-    (segment,) = journal.segments()
-    (commit,) = read_commits(segment)
-    assert commit.incoming_name == incoming.basename
-    assert commit.relative == RELATIVE
-    assert commit.size == len(data) and commit.crc == zlib.crc32(data)
-    journal.close()
-
-
-def test_replay_moves_committed_files_into_place_and_stops_at_a_torn_frame(
+def test_commit_record_in_the_preamble_names_the_path_and_checks_the_bytes(
     tmp_path: Path,
 ) -> None:
     spool = Spool(tmp_path / "spool")
     journal = Journal(spool)
-    first, second = b"first instance" * 500, b"second instance" * 500
-    _receive(journal, first, RELATIVE)
+    data = _instance(bytes(range(256)))
+    path = _receive(journal, data, RELATIVE)
+    written = path.read_bytes()
+    assert len(written) == len(data) and written[PREAMBLE_SIZE:] == data[PREAMBLE_SIZE:]
+    record = decode_record(written[:PREAMBLE_SIZE])
+    assert record is not None
+    assert record.relative == RELATIVE
+    assert record.size == len(data) and record.crc == zlib.crc32(data[PREAMBLE_SIZE:])
+    damaged = bytearray(written[:PREAMBLE_SIZE])
+    damaged[20] ^= 0x01
+    assert decode_record(bytes(damaged)) is None
+    assert decode_record(bytes(PREAMBLE_SIZE)) is None
+    assert journal.close()
+
+
+def test_a_commit_record_holds_only_a_spool_path_of_bounded_length(tmp_path: Path) -> None:
+    assert len(encode_record(RELATIVE.replace("-1.dcm", "-4294967295.dcm"), 1, 2)) == 128
+    with pytest.raises(JournalError):
+        encode_record("studies/" + "x" * 200, 1, 2)
+    journal = Journal(Spool(tmp_path / "spool"))
+    short = journal.open_incoming()
+    short.write(b"DICM")
+    with pytest.raises(JournalError):
+        journal.commit(short, RELATIVE)  # no preamble to hold the record
+    short.discard()
+    journal.close()
+
+
+def test_replay_moves_committed_files_into_place_and_removes_the_rest(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    journal = Journal(spool)
+    first, second = _instance(b"first instance"), _instance(b"second instance")
+    left = _receive(journal, first, RELATIVE)
     moved = _receive(journal, second, OTHER)
-    spool.place(moved.name, OTHER)  # this move reached the disk
-    segments = journal.segments()
-    with segments[0].open("ab") as fh:  # the unflushed tail of a segment
-        fh.write(encode_commit(9, "x.part", OTHER, 1, 2)[:-3])
+    spool.place(moved, OTHER)  # this move reached the disk
+    partial = journal.open_incoming()  # never committed
+    partial.write(_instance(b"partial"))
+    partial.close()
     journal.close()
 
     stats = Journal(spool).replay()
-    assert (stats.segments, stats.committed, stats.restored) == (2, 2, 1)
+    assert (stats.segments, stats.committed, stats.restored) == (0, 1, 1)
     assert stats.unfinished == [] and stats.skipped == []
-    assert spool.path(RELATIVE).read_bytes() == first
-    assert spool.path(OTHER).read_bytes() == second
-    assert list((spool.root / "journal").iterdir()) == []
+    assert not left.exists()
+    assert _body(spool.path(RELATIVE)) == first[PREAMBLE_SIZE:]
+    assert _body(spool.path(OTHER)) == second[PREAMBLE_SIZE:]
+    assert spool.clean_incoming() >= 1
+    assert list(spool.incoming.iterdir()) == []
+    assert Journal(spool).replay().committed == 0
 
 
-def test_replay_reports_a_commit_whose_file_is_gone_and_refuses_paths(tmp_path: Path) -> None:
+def test_a_commit_whose_file_is_incomplete_was_not_acknowledged(tmp_path: Path) -> None:
+    """A stop during the flush may keep the record but not every byte of the file."""
     spool = Spool(tmp_path / "spool")
     journal = Journal(spool)
-    incoming = _receive(journal, b"data" * 100, RELATIVE)
-    Path(incoming.name).unlink()
-    segment = journal.open_segment()
-    with segment.path.open("ab") as fh:
-        fh.write(encode_commit(1, "../../escape.part", OTHER, 4, zlib.crc32(b"data")))
-        fh.write(encode_commit(2, "fine.part", "../outside.dcm", 4, zlib.crc32(b"data")))
-    segment.close()
-    (spool.incoming / "fine.part").write_bytes(b"data")
+    data = _instance(b"whole data set")
+    path = _receive(journal, data, RELATIVE)
+    torn = bytearray(path.read_bytes())
+    torn[-1000:] = bytes(1000)  # blocks that did not reach the disk
+    path.write_bytes(bytes(torn))
     stats = Journal(spool).replay()
-    assert stats.unfinished == [RELATIVE]
-    assert stats.skipped == [OTHER, "../outside.dcm"]
-    assert not (tmp_path / "outside.dcm").exists() and not spool.path(OTHER).exists()
+    assert stats.unfinished == [RELATIVE] and stats.restored == 0
+    assert not spool.path(RELATIVE).exists()
+    spool.clean_incoming()
+    assert not path.exists()
+
+
+def test_replay_refuses_paths_outside_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = _instance(b"data")
+    crc = zlib.crc32(data[PREAMBLE_SIZE:])
+    (spool.incoming / "evil.part").write_bytes(encode_record("../outside.dcm", len(data), crc)
+                                               + data[PREAMBLE_SIZE:])
+    stats = Journal(spool).replay()
+    assert stats.committed == 1 and stats.skipped == ["../outside.dcm"] and stats.restored == 0
+    assert not (tmp_path / "outside.dcm").exists()
 
 
 def test_replay_of_one_owner_removes_only_its_incoming_files(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     mine, other = Journal(spool, owner="111"), Journal(spool, owner="222")
-    _receive(mine, b"mine" * 100, RELATIVE)
+    data = _instance(b"mine")
+    _receive(mine, data, RELATIVE)
+    other_committed = _receive(other, _instance(b"other"), OTHER)
     mine_left = mine.pool.take()
     other_left = other.pool.take()
     Path(mine_left).write_bytes(b"partial")
     stats = Journal(spool).replay(owner="111")
-    assert stats.restored == 1 and spool.path(RELATIVE).read_bytes() == b"mine" * 100
+    assert stats.restored == 1 and _body(spool.path(RELATIVE)) == data[PREAMBLE_SIZE:]
     assert not Path(mine_left).exists()
-    assert Path(other_left).exists()
+    assert Path(other_left).exists() and other_committed.exists()
+    assert not spool.path(OTHER).exists()
     assert not any(p.name.startswith("111-") for p in spool.incoming.iterdir())
     mine.close()
     other.close()
+
+
+def test_segments_of_the_second_format_are_replayed(tmp_path: Path) -> None:
+    """Segments of an earlier version named incoming files and their spool paths."""
+    spool = Spool(tmp_path / "spool")
+    data = b"an instance" * 300
+    (spool.incoming / "kept.part").write_bytes(data)
+    segment = spool.root / "journal" / "old.seg"
+    segment.parent.mkdir(parents=True)
+    segment.write_bytes(
+        encode_commit(1, "kept.part", RELATIVE, len(data), zlib.crc32(data))
+        + encode_commit(2, "gone.part", OTHER, 5, 6)
+        + encode_commit(3, "torn.part", OTHER, 1, 2)[:-3]  # the unflushed tail
+    )
+    stats = Journal(spool).replay()
+    assert (stats.segments, stats.committed, stats.restored) == (1, 2, 1)
+    assert stats.unfinished == [OTHER]
+    assert spool.path(RELATIVE).read_bytes() == data
+    assert not segment.exists()
 
 
 def _frame_v1(kind: int, record: int, payload: bytes) -> bytes:
@@ -134,7 +190,7 @@ def _frame_v1(kind: int, record: int, payload: bytes) -> bytes:
 
 
 def test_segments_of_the_first_format_are_replayed(tmp_path: Path) -> None:
-    """Segments written before commits named incoming files carried the bytes themselves."""
+    """Segments of the first format carried the instances' bytes themselves."""
     spool = Spool(tmp_path / "spool")
     data = b"an instance" * 300
     path = RELATIVE.encode()
@@ -154,38 +210,3 @@ def test_segments_of_the_first_format_are_replayed(tmp_path: Path) -> None:
     assert (stats.segments, stats.committed, stats.restored) == (1, 1, 1)
     assert spool.path(RELATIVE).read_bytes() == data
     assert not segment.exists()
-
-
-def test_a_commit_whose_file_is_incomplete_was_not_acknowledged(tmp_path: Path) -> None:
-    """Both flushes run at once; a stop between them leaves a commit of a torn file."""
-    spool = Spool(tmp_path / "spool")
-    journal = Journal(spool)
-    incoming = _receive(journal, b"whole data set" * 100, RELATIVE)
-    Path(incoming.name).write_bytes(b"whole data set" * 50)  # what reached the disk
-    stats = Journal(spool).replay()
-    assert stats.unfinished == [RELATIVE] and stats.restored == 0
-    assert not spool.path(RELATIVE).exists() and not Path(incoming.name).exists()
-
-
-@pytest.mark.skipif(not ParallelFlush.available(), reason="no Linux native AIO here")
-def test_parallel_flush_flushes_and_reports_errors(tmp_path: Path) -> None:
-    flush = ParallelFlush()
-    try:
-        with (tmp_path / "file").open("wb") as fh:
-            fh.write(b"data")
-            assert flush.start(fh.fileno())
-            flush.wait()
-        with pytest.raises(OSError):
-            flush.start(987654)  # not a file descriptor
-        assert ParallelFlush.available()
-    finally:
-        flush.close()
-
-
-def test_commit_without_parallel_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ParallelFlush, "_disabled", True)
-    spool = Spool(tmp_path / "spool")
-    journal = Journal(spool)
-    _receive(journal, b"serial" * 100, RELATIVE)
-    stats = Journal(spool).replay()
-    assert stats.restored == 1 and spool.path(RELATIVE).read_bytes() == b"serial" * 100
