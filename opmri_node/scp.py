@@ -117,6 +117,8 @@ REJECT_LIMIT: Final[tuple[int, int, int]] = (0x02, 0x03, 0x02)
 """Rejected (transient) by the presentation layer: local limit exceeded."""
 
 _LOCK_STRIPES: Final[int] = 64
+_NEGOTIATED_KEEP: Final[int] = 64
+"""Distinct context proposals whose negotiated contexts are kept (then they are forgotten)."""
 _HEAD_KEEP: Final[int] = 64 * 1024
 """The first bytes of a streamed data set kept in memory, to read its header from."""
 _AFFECTED_SOP_CLASS: Final[int] = 0x00000002
@@ -251,6 +253,9 @@ class Receiver:
         self._streams: dict[int, _StoreStream] = {}
         self._streams_lock = threading.Lock()
         self._peer_hosts: dict[str, set[str]] = {}
+        self._negotiated: dict[tuple[Any, ...], list[PresentationContext]] = {}
+        """Contexts offered per proposal: a peer proposes the same ones on every association."""
+        self._negotiated_lock = threading.Lock()
         self._accepted: dict[str, frozenset[str]] = {
             str(cx.abstract_syntax): frozenset(str(ts) for ts in cx.transfer_syntax)
             for cx in storage_contexts()
@@ -491,6 +496,13 @@ class Receiver:
         node stores what the sender has, not a conversion. A peer without ``may_send`` is
         offered Verification only.
         """
+        key = (may_send, tuple(
+            (str(context.abstract_syntax), tuple(str(ts) for ts in context.transfer_syntax))
+            for context in requested
+        ))
+        cached = self._negotiated.get(key)
+        if cached is not None:
+            return list(cached)  # negotiation only reads the contexts (see copy_contexts)
         ordered: dict[str, list[str]] = {}
         for context in requested:
             abstract = str(context.abstract_syntax)
@@ -501,10 +513,15 @@ class Receiver:
             for syntax in context.transfer_syntax:
                 if str(syntax) in allowed and str(syntax) not in syntaxes:
                     syntaxes.append(str(syntax))
-        return [
+        contexts = [
             build_context(abstract, syntaxes or sorted(self._accepted[abstract]))
             for abstract, syntaxes in ordered.items()
         ]
+        with self._negotiated_lock:
+            if len(self._negotiated) >= _NEGOTIATED_KEEP:
+                self._negotiated.clear()
+            self._negotiated[key] = contexts
+        return list(contexts)
 
     def _reject(self, assoc: Association, rsd: tuple[int, int, int], reason: str) -> None:
         self._audit(assoc).reason = reason
