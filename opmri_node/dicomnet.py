@@ -609,6 +609,9 @@ class NodeAssociation(Association):
     it is the message's last), in the DUL thread before pynetdicom sees it. Returning ``True``
     takes the fragment: it never reaches the DIMSE message in progress (a last fragment taken
     reaches it empty, completing the message)."""
+    on_responded: Callable[[Association], None] | None = None
+    """Called (in the thread that served it) after the response to a C-STORE served by
+    :meth:`_serve_plain_store` was handed on for sending, for work that need not delay it."""
     on_store_command: Callable[[Association, DirectStore], None] | None = None
     """Told (in the DUL thread) of a C-STORE request received directly (see
     :meth:`NodeDUL._read_pdu_data`) as soon as its command has arrived; without it, every
@@ -767,6 +770,12 @@ class NodeAssociation(Association):
             service = self._storage_service = StorageServiceClass(self)
         response = service.validate_status(status, response)
         self.dimse.send_msg(response, context_id)
+        callback = self.on_responded
+        if callback is not None:
+            try:
+                callback(self)
+            except Exception:
+                LOGGER.exception("response callback failed")
         return True
 
     def run(self) -> None:
@@ -1003,6 +1012,7 @@ class NodeRequestHandler(RequestHandler):
         assoc.on_pdata = server.on_pdata
         assoc.on_data_fragment = server.on_data_fragment
         assoc.on_store_command = server.on_store_command
+        assoc.on_responded = server.on_responded
         sock = BoundedSocket(
             assoc,
             request,
@@ -1041,6 +1051,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         on_pdata: Callable[[Association], None] | None = None,
         on_data_fragment: Callable[[Association, int, memoryview, bool], bool] | None = None,
         on_store_command: Callable[[Association, DirectStore], None] | None = None,
+        on_responded: Callable[[Association], None] | None = None,
         listen: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -1053,6 +1064,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         self.on_pdata = on_pdata
         self.on_data_fragment = on_data_fragment
         self.on_store_command = on_store_command
+        self.on_responded = on_responded
         self.on_connection_closed: Callable[[], None] | None = None
         """Called once for every connection this server took that has ended."""
         self._connections = 0

@@ -194,7 +194,7 @@ class Journal:
 
     def commit(self, incoming: IncomingFile, relative: str) -> None:
         """Make ``incoming`` durable as the instance at ``relative``: write its commit record
-        and flush the file; its pages then leave the page cache.
+        and flush the file (which stays open: see :meth:`IncomingFile.release`).
 
         Raises:
             OSError: the record could not be written or the flush failed (the instance is not
@@ -205,7 +205,6 @@ class Journal:
         incoming.write_at(0, encode_record(relative, incoming.size, incoming.crc))
         incoming.sync()
         self._committed = True
-        incoming.drop_cache()
 
     def close(self, timeout: float = 30.0) -> bool:
         """Delete the unused incoming files and, after commits, flush the file system (the

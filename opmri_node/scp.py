@@ -117,6 +117,8 @@ REJECT_LIMIT: Final[tuple[int, int, int]] = (0x02, 0x03, 0x02)
 """Rejected (transient) by the presentation layer: local limit exceeded."""
 
 _LOCK_STRIPES: Final[int] = 64
+_RELEASE_BEHIND: Final[int] = 4
+"""Committed files an association keeps open for release after its response, at most."""
 _NEGOTIATED_KEEP: Final[int] = 64
 """Distinct context proposals whose negotiated contexts are kept (then they are forgotten)."""
 _HEAD_KEEP: Final[int] = 64 * 1024
@@ -252,6 +254,9 @@ class Receiver:
         self._uid_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._streams: dict[int, _StoreStream] = {}
         self._streams_lock = threading.Lock()
+        self._committed: dict[int, list[IncomingFile]] = {}
+        """Per association, committed files to release once the response has been sent."""
+        self._committed_lock = threading.Lock()
         self._peer_hosts: dict[str, set[str]] = {}
         self._negotiated: dict[tuple[Any, ...], list[PresentationContext]] = {}
         """Contexts offered per proposal: a peer proposes the same ones on every association."""
@@ -356,6 +361,7 @@ class Receiver:
             on_pdata=self._on_pdata,
             on_data_fragment=self._on_fragment,
             on_store_command=self._on_store_command,
+            on_responded=self._on_responded,
             listen=listen,
         )
         assert isinstance(server, NodeAssociationServer)
@@ -667,6 +673,30 @@ class Receiver:
         self.spool.check_room(0)
         return self.journal.open_incoming()
 
+    def _after_response(self, assoc: Association, committed: IncomingFile) -> None:
+        """Release ``committed`` once the response has been sent (:meth:`_on_responded`)."""
+        with self._committed_lock:
+            waiting = self._committed.setdefault(id(assoc), [])
+            waiting.append(committed)
+            older = waiting[:-_RELEASE_BEHIND] if len(waiting) > _RELEASE_BEHIND else []
+            del waiting[: len(older)]
+        for incoming in older:  # responses sent by pynetdicom's own path call no one
+            self._release(incoming)
+
+    def _on_responded(self, assoc: Association) -> None:
+        """A response went out: release the files committed for it, while the peer reads it."""
+        with self._committed_lock:
+            waiting = self._committed.pop(id(assoc), None)
+        for incoming in waiting or ():
+            self._release(incoming)
+
+    @staticmethod
+    def _release(incoming: IncomingFile) -> None:
+        try:
+            incoming.release()
+        except OSError as exc:  # the file is flushed: only its cached pages stay
+            LOGGER.debug("releasing a committed file failed: %s", exc)
+
     def _take_stream(self, assoc: Association, message_id: int) -> _StoreStream | None:
         with self._streams_lock:
             stream = self._streams.get(id(assoc))
@@ -820,8 +850,10 @@ class Receiver:
                 )
                 self.journal.commit(incoming, relative)  # durable from here on
                 committed, incoming = incoming, None
+                # dropping its pages and closing it wait until the response is on its way
+                self._after_response(event.assoc, committed)
                 # a failed move leaves the committed file in incoming/: replay moves it
-                self.spool.place(committed.close(), relative)
+                self.spool.place(committed.name, relative)
                 self.state.record_instance(
                     NewInstance(
                         study_uid=header.study_uid,
@@ -892,6 +924,7 @@ class Receiver:
             stream = self._streams.pop(id(assoc), None)
         if stream is not None:
             stream.discard()
+        self._on_responded(assoc)
         with self._audits_lock:
             audit = self._audits.pop(id(assoc), None)
         if audit is None:

@@ -408,6 +408,16 @@ class IncomingFile:
         if _FADVISE:
             os.posix_fadvise(self.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
+    def release(self) -> None:
+        """Drop a flushed file's pages from the page cache and close it (wherever it is now)."""
+        if self._fd is None:
+            return
+        try:
+            self.drop_cache()
+        finally:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
     def finish(self) -> Path:
         """fsync and close; returns the path."""
         if self._fd is None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -668,6 +670,40 @@ def test_file_layout_of_stored_files_matches_the_state(node: Node, tmp_path: Pat
         record.data_offset, record.transfer_syntax_uid, record.size
     )
     assert series.study_uid not in record.path and series.sop_uids[0] not in record.path
+
+
+def _open_spool_files(node: Node) -> list[str]:
+    assert node.spool is not None
+    root = str(node.spool.root)
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(root) and target.endswith(".dcm"):
+                targets.append(target)
+    return targets
+
+
+def test_committed_files_are_released_after_their_responses(node: Node, tmp_path: Path) -> None:
+    """A committed file is closed (and dropped from the page cache) once its response went
+    out; an association keeps none open past its end."""
+    host, port = node.address
+    series = make_mr_series(tmp_path / "in", 6)
+    ae = scu_ae()
+    ae.add_requested_context(MR, ExplicitVRLittleEndian)
+    assoc = ae.associate(host, port, ae_title="OPMRI")
+    assert assoc.is_established
+    try:
+        for path in series.files:
+            assert assoc.send_c_store(path).Status == 0x0000
+            assert len(_open_spool_files(node)) <= 1
+    finally:
+        assoc.release()
+    deadline = time.monotonic() + 5
+    while _open_spool_files(node) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_spool_files(node) == []
+    assert state_of(node).instance_count() == len(series.files)
 
 
 def _send_raw(host: str, port: int, path: Path) -> int:
