@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from zlib_ng.zlib_ng import crc32
+
 from opmri_node.spool import (
     PREAMBLE_SIZE,
     IncomingFile,
@@ -406,7 +408,7 @@ def _file_crc(path: Path, size: int, skip: int = 0) -> int | None:
         with path.open("rb") as fh:
             fh.seek(skip)
             while chunk := fh.read(1 << 20):
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
         return crc
     except OSError:
         return None

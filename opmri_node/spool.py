@@ -44,6 +44,7 @@ from typing import BinaryIO, Final
 from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from zlib_ng.zlib_ng import crc32
 
 from opmri_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from opmri_node.state import study_key
@@ -366,9 +367,9 @@ class IncomingFile:
             if self._checksum:
                 skip = self._checksum_from - start
                 if skip <= 0:
-                    self.crc = zlib.crc32(view, self.crc)
+                    self.crc = crc32(view, self.crc)
                 elif skip < offset:
-                    self.crc = zlib.crc32(view[skip:], self.crc)
+                    self.crc = crc32(view[skip:], self.crc)
                 if self.size - self._flushed >= WRITEBACK_STEP:
                     self.start_writeback()
 
