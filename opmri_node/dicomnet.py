@@ -31,6 +31,10 @@ classes. The classes here change what happens around them:
 * C-STORE responses are encoded directly (:func:`encode_c_store_rsp`), a fixed group of
   seven elements, instead of through a pydicom Dataset, and sent by the DUL thread at once
   when nothing else is queued for the peer.
+* An A-ASSOCIATE-RQ byte for byte identical to one received before (a peer proposing the
+  same contexts again) is not decoded again: its primitive is a copy of the one made then
+  (:class:`_KnownAssociateRQ`); a proposal of all storage classes costs pynetdicom several
+  milliseconds of CPU to decode and convert.
 * :class:`NodeAssociationServer` sets ``TCP_NODELAY`` on every accepted connection, closes
   connections beyond a hard cap at once, and skips pynetdicom's per-message logging handlers
   (which are slow and write identifiers into the log).
@@ -43,6 +47,7 @@ pynetdicom below 3.1 accordingly and the test suite exercises them through real 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -66,8 +71,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import (
@@ -272,6 +277,44 @@ class BoundedSocket(AssociationSocket):
         return True
 
 
+_KNOWN_RQ_KEEP: Final[int] = 16
+"""Distinct A-ASSOCIATE-RQ PDUs whose decoded form is kept (then they are forgotten)."""
+
+_KNOWN_RQ_MAX_BYTES: Final[int] = 64 * 1024
+"""Longer A-ASSOCIATE-RQ PDUs are decoded every time (and not kept)."""
+
+_KNOWN_RQ: dict[bytes, _KnownAssociateRQ] = {}
+
+
+class _KnownAssociateRQ(A_ASSOCIATE_RQ):
+    """A decoded A-ASSOCIATE-RQ PDU kept for later PDUs identical to it byte for byte.
+
+    Its primitive is made once; :meth:`to_primitive` returns a copy of it whose lists are
+    new (the presentation contexts and user information items in them are shared: pynetdicom
+    only reads those of a request).
+    """
+
+    _primitive: A_ASSOCIATE | None = None
+
+    def keep_primitive(self) -> bool:
+        """Make the primitive to copy from; False if pynetdicom cannot convert this PDU."""
+        try:
+            self._primitive = super().to_primitive()
+        except Exception:
+            return False
+        return True
+
+    def to_primitive(self) -> A_ASSOCIATE:
+        primitive = self._primitive
+        if primitive is None:
+            return super().to_primitive()
+        duplicate = copy.copy(primitive)
+        for name, value in list(vars(duplicate).items()):
+            if isinstance(value, list):
+                setattr(duplicate, name, list(value))
+        return duplicate
+
+
 class NodeDUL(DULServiceProvider):
     """The DUL reactor of pynetdicom, woken by socket data or queued primitives, not a timer."""
 
@@ -299,6 +342,24 @@ class NodeDUL(DULServiceProvider):
         if stopped:
             self._wake()
         return stopped
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """pynetdicom's PDU decoding, except for an A-ASSOCIATE-RQ decoded before (the same
+        events are triggered with the PDU kept then)."""
+        if bytestream[:1] != b"\x01" or len(bytestream) > _KNOWN_RQ_MAX_BYTES:
+            return cast(tuple[Any, str], super()._decode_pdu(bytestream))
+        raw = bytes(bytestream)
+        evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": raw})
+        pdu = _KNOWN_RQ.get(raw)
+        if pdu is None:
+            pdu = _KnownAssociateRQ()
+            pdu.decode(raw)
+            if pdu.keep_primitive():
+                if len(_KNOWN_RQ) >= _KNOWN_RQ_KEEP:
+                    _KNOWN_RQ.clear()
+                _KNOWN_RQ[raw] = pdu
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt6"  # A-ASSOCIATE-RQ PDU received
 
     def _wait_for_work(self) -> None:
         if not self.to_provider_queue.empty():

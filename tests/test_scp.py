@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -29,6 +30,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import P_DATA
 
+from opmri_node import dicomnet
 from opmri_node.dicomnet import (
     ASSOCIATE_PDU_LIMIT,
     BoundedSocket,
@@ -238,6 +240,83 @@ def test_unsupported_contexts_are_rejected_per_context(node: Node) -> None:
     (accepted,) = assoc.accepted_contexts
     assert accepted.transfer_syntax[0] == "1.2.840.10008.1.2.4.70"  # the requestor's first
     assoc.release()
+
+
+def test_a_repeated_association_request_is_not_decoded_again(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom.presentation import build_context
+
+    decoded: list[int] = []
+    original = dicomnet._KnownAssociateRQ.decode
+
+    def counting_decode(self: Any, bytestream: bytes) -> None:
+        decoded.append(len(bytestream))
+        original(self, bytestream)
+
+    monkeypatch.setattr(dicomnet._KnownAssociateRQ, "decode", counting_decode)
+    monkeypatch.setattr(dicomnet, "_KNOWN_RQ", {})
+    host, port = node.address
+    mpeg2 = "1.2.840.10008.1.2.4.100"
+
+    def proposal() -> list[Any]:
+        return [build_context(MR, [mpeg2]), *_contexts()]
+
+    outcomes = []
+    for calling in ("STORESCU", "STORESCU", "STORESCU", "VIEWER"):
+        assoc = scu_ae(calling).associate(host, port, ae_title="OPMRI", contexts=proposal())
+        assert assoc.is_established
+        outcomes.append((
+            sorted((cx.context_id, str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                   for cx in assoc.accepted_contexts),
+            sorted((cx.context_id, cx.result) for cx in assoc.rejected_contexts),
+        ))
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    # the same request thrice is decoded once and negotiated the same every time; another
+    # calling AE title is another request, under its own peer's policy
+    assert len(decoded) == 2
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    verification_syntax = str(build_context(VERIFICATION).transfer_syntax[0])
+    assert outcomes[0][0] == [(3, VERIFICATION, verification_syntax),
+                              (5, MR, ExplicitVRLittleEndian)]
+    assert outcomes[0][1] == [(1, 0x04)]
+    assert [cx[1] for cx in outcomes[3][0]] == [VERIFICATION]
+    series = make_mr_series(tmp_path / "in", 2)
+    for _ in range(2):
+        assert storescu(host, port, series.files).returncode == 0
+    assert state_of(node).instance_count() == 2
+
+
+def test_a_kept_association_request_hands_out_independent_copies() -> None:
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title = "STORESCU"
+    request.called_ae_title = "OPMRI"
+    request.presentation_context_definition_list = _contexts()
+    for context_id, context in zip((1, 3), request.presentation_context_definition_list,
+                                   strict=True):
+        context.context_id = context_id
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    request.user_information = [length]
+    raw = A_ASSOCIATE_RQ(request).encode()
+    kept = dicomnet._KnownAssociateRQ()
+    kept.decode(raw)
+    assert kept.keep_primitive()
+    first, second = kept.to_primitive(), kept.to_primitive()
+    assert first is not second
+    first.presentation_context_definition_list.clear()
+    first.user_information.clear()
+    first.result = 0x01
+    assert [str(cx.abstract_syntax) for cx in second.presentation_context_definition_list] == [
+        VERIFICATION, MR]
+    assert second.user_information[0].maximum_length_received == 16384
+    assert second.result is None
+    assert str(second.calling_ae_title).strip() == "STORESCU"
 
 
 def test_association_limit(tmp_path: Path) -> None:
